@@ -1,0 +1,20 @@
+"""embedlake encoder library: pure PyTorch, no Ray. `load_encoder` is the entry point."""
+
+from model.chunking import chunk_spans, fixed_token_spans, sentence_spans
+from model.encoder import EncodeStats, Encoder, EncoderInfo
+from model.loading import detect_family, load_encoder
+from model.tokenization import TextTokenizer, long_windows, token_spans
+
+__all__ = [
+    "EncodeStats",
+    "Encoder",
+    "EncoderInfo",
+    "TextTokenizer",
+    "chunk_spans",
+    "detect_family",
+    "fixed_token_spans",
+    "load_encoder",
+    "long_windows",
+    "sentence_spans",
+    "token_spans",
+]

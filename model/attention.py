@@ -1,0 +1,66 @@
+"""Attention kernels for the two layouts. Models call these and never branch on the device.
+
+- padded: torch SDPA with a key-padding mask (CPU path, and GPU without flash-attn)
+- varlen: flash-attn `flash_attn_varlen_func` on packed tokens (GPU, bf16/fp16)
+- varlen_reference: a CPU stand-in for the varlen kernel (SDPA per sequence), so everything on the
+  packed path except the flash kernel call itself runs and is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# q, k, v -> out; shapes (..., H, D) in the layout's leading dims.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def flash_varlen_kernel() -> Callable | None:
+    """flash_attn_varlen_func, or None when flash-attn is not installed (imported lazily)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def padded(attention_mask: torch.Tensor) -> AttentionFn:
+    """Bidirectional SDPA over (B, L, H, D) with padded keys masked out."""
+    key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, L), True = attend
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return out.transpose(1, 2)  # (B, L, H, D)
+
+    return attend
+
+
+def varlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> AttentionFn:
+    """flash-attn varlen over packed (T, H, D): no padding is ever computed."""
+    kernel = flash_varlen_kernel()
+    if kernel is None:
+        raise RuntimeError("flash-attn is not installed; install embedlake[gpu] or use the padded path")
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
+
+    return attend
+
+
+def varlen_reference(cu_seqlens: torch.Tensor, max_seqlen: int) -> AttentionFn:
+    """Same contract as `varlen`, computed per sequence with SDPA (CPU stand-in for tests)."""
+    bounds = cu_seqlens.tolist()
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, L_i, D)
+            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+        return out
+
+    return attend

@@ -1,0 +1,138 @@
+"""`load_encoder`: a model reference -> a ready `Encoder`, family detected from the directory.
+
+A reference is a local directory, an fsspec URL of one (s3://..., copied once per node into a
+local cache), or a Hugging Face hub id resolved through the normal HF cache (works offline with
+HF_HUB_OFFLINE=1 when cached). Weights load from safetensors only; remote code never runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from model.encoder import Encoder
+
+Family = Literal["jina-v3", "sentence-transformers"]
+
+DEFAULT_MAX_BATCH_TOKENS = {"cuda": 65536, "cpu": 16384}  # performance spec §6: 32k-64k on 80 GB
+
+
+def detect_family(path: Path) -> Family:
+    config = _read_json(path / "config.json")
+    if "lora_adaptations" in config and config.get("position_embedding_type", "rotary") == "rotary":
+        return "jina-v3"
+    if (path / "modules.json").is_file():
+        return "sentence-transformers"
+    raise ValueError(
+        f"{path} is not a model directory embedlake can load. Expected either the published "
+        "jina-embeddings-v3 layout (config.json with 'lora_adaptations', safetensors weights named "
+        "'roberta....parametrizations...', tokenizer.json) or a sentence-transformers directory "
+        "(modules.json, 1_Pooling/config.json, sentence_bert_config.json, a transformers model "
+        "with safetensors weights and tokenizer.json)."
+    )
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("EMBEDLAKE_CACHE", Path.home() / ".cache" / "embedlake")) / "models"
+
+
+def resolve_model_dir(ref: str | os.PathLike, storage_options: dict | None = None) -> Path:
+    ref = str(ref)
+    if "://" in ref and not ref.startswith("file://"):
+        return _fetch_remote(ref, storage_options or {})
+    local = Path(ref.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise ValueError(f"{ref} is a file; a model reference is a directory, URL or hub id")
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        return _from_hub(ref)
+    raise FileNotFoundError(f"model directory {ref} does not exist")
+
+
+def _fetch_remote(url: str, storage_options: dict) -> Path:
+    """Copy a remote model directory once per node; concurrent actors wait on a file lock."""
+    import fsspec
+    from filelock import FileLock
+
+    target = model_cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:24]
+    done = target / ".embedlake-complete"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not done.exists():
+            fs, root = fsspec.core.url_to_fs(url, **storage_options)
+            if not fs.isdir(root):
+                raise FileNotFoundError(f"model directory {url} does not exist")
+            partial = target.with_suffix(".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            fs.get(root.rstrip("/") + "/", str(partial), recursive=True)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+            done.write_text(url)
+    return target
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*/*.json"]))
+    except Exception as err:  # offline without a cached snapshot, unknown repo, ...
+        raise FileNotFoundError(f"could not resolve hub model {repo_id!r}: {err}") from err
+
+
+def content_revision(path: Path) -> str:
+    """A short hash of config and weights: the identity recorded next to every vector."""
+    if path.parent.name == "snapshots":  # HF cache: the directory name is the commit
+        return path.name[:12]
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")):
+        h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def model_name(path: Path, family: Family) -> str:
+    """Hub id when known (HF cache layout, or jina's published config), else the directory name."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    declared = _read_json(path / "config.json").get("_name_or_path") or ""
+    if family == "jina-v3" and declared and not declared.startswith(("/", ".")):
+        return declared
+    return path.name if path.name not in ("model", "models", "snapshot") else path.parent.name
+
+
+def load_encoder(
+    ref: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    max_batch_tokens: int | None = None,
+    storage_options: dict | None = None,
+) -> Encoder:
+    """Load an encoder. Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32."""
+    path = resolve_model_dir(ref, storage_options)
+    family = detect_family(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    budget = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
+    common = dict(device=device, dtype=dtype, max_batch_tokens=budget, revision=content_revision(path), name=model_name(path, family))
+    if family == "jina-v3":
+        from model.jina_encoder import JinaV3Encoder
+
+        return JinaV3Encoder.from_dir(path, **common)
+    from model.st_encoder import SentenceTransformerEncoder
+
+    return SentenceTransformerEncoder(path, **common)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
