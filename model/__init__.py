@@ -1,8 +1,8 @@
 """embedlake encoder library: pure PyTorch, no Ray. `load_encoder` is the entry point."""
 
 from model.chunking import chunk_spans, fixed_token_spans, sentence_spans
-from model.encoder import EncodeStats, Encoder, EncoderInfo
-from model.loading import detect_family, load_encoder
+from model.encoder import Encoder, EncoderInfo, EncodeStats
+from model.loading import ModelDescription, describe_model, detect_family, load_encoder
 from model.tokenization import TextTokenizer, long_windows, token_spans
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "EncoderInfo",
     "TextTokenizer",
     "chunk_spans",
+    "ModelDescription",
+    "describe_model",
     "detect_family",
     "fixed_token_spans",
     "load_encoder",

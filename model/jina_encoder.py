@@ -29,6 +29,26 @@ def default_attention(device: torch.device, dtype: torch.dtype) -> AttentionImpl
     return "varlen" if device.type == "cuda" and flash_ok else "padded"
 
 
+def describe_jina_v3(path: str | Path, *, revision: str, name: str) -> tuple[TextTokenizer, EncoderInfo]:
+    """Tokenizer and model facts from the directory, without loading weights."""
+    cfg = JinaV3Config.from_dir(path)
+    tokenizer = TextTokenizer.from_file(
+        Path(path) / "tokenizer.json", max_length=cfg.max_length, instructions=cfg.task_instructions
+    )
+    info = EncoderInfo(
+        family="jina-v3",
+        name=name,
+        revision=revision,
+        dim=cfg.hidden_size,
+        matryoshka_dims=cfg.matryoshka_dimensions,
+        tasks=cfg.lora_adaptations,
+        default_task="retrieval.passage" if "retrieval.passage" in cfg.lora_adaptations else None,
+        query_task="retrieval.query" if "retrieval.query" in cfg.lora_adaptations else None,
+        max_length=cfg.max_length,
+    )
+    return tokenizer, info
+
+
 class JinaV3Encoder(Encoder):
     def __init__(
         self,
@@ -59,21 +79,7 @@ class JinaV3Encoder(Encoder):
         name: str,
         attention_impl: AttentionImpl | None = None,
     ) -> JinaV3Encoder:
-        cfg = JinaV3Config.from_dir(path)
-        tokenizer = TextTokenizer.from_file(
-            Path(path) / "tokenizer.json", max_length=cfg.max_length, instructions=cfg.task_instructions
-        )
-        info = EncoderInfo(
-            family="jina-v3",
-            name=name,
-            revision=revision,
-            dim=cfg.hidden_size,
-            matryoshka_dims=cfg.matryoshka_dimensions,
-            tasks=cfg.lora_adaptations,
-            default_task="retrieval.passage" if "retrieval.passage" in cfg.lora_adaptations else None,
-            query_task="retrieval.query" if "retrieval.query" in cfg.lora_adaptations else None,
-            max_length=cfg.max_length,
-        )
+        tokenizer, info = describe_jina_v3(path, revision=revision, name=name)
         model = load_jina_v3(path, device=device, dtype=dtype)
         return cls(model, tokenizer, info, max_batch_tokens=max_batch_tokens, attention_impl=attention_impl)
 

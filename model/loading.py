@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from model.encoder import Encoder
+from model.encoder import Encoder, EncoderInfo
+from model.tokenization import TextTokenizer
 
 Family = Literal["jina-v3", "sentence-transformers"]
 
@@ -108,6 +110,30 @@ def model_name(path: Path, family: Family) -> str:
     if family == "jina-v3" and declared and not declared.startswith(("/", ".")):
         return declared
     return path.name if path.name not in ("model", "models", "snapshot") else path.parent.name
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    path: Path
+    family: Family
+    tokenizer: TextTokenizer
+    info: EncoderInfo
+
+
+def describe_model(ref: str | os.PathLike, *, storage_options: dict | None = None) -> ModelDescription:
+    """Tokenizer and model facts without loading weights: what CPU preprocessing stages need."""
+    path = resolve_model_dir(ref, storage_options)
+    family = detect_family(path)
+    ident = dict(revision=content_revision(path), name=model_name(path, family))
+    if family == "jina-v3":
+        from model.jina_encoder import describe_jina_v3
+
+        tokenizer, info = describe_jina_v3(path, **ident)
+    else:
+        from model.st_encoder import describe_sentence_transformer
+
+        tokenizer, info = describe_sentence_transformer(path, **ident)
+    return ModelDescription(path, family, tokenizer, info)
 
 
 def load_encoder(

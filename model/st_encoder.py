@@ -57,6 +57,35 @@ def read_modules(path: Path) -> tuple[Path, list[str], bool]:
     return transformer_dir, modes, normalize
 
 
+def describe_sentence_transformer(path: str | Path, *, revision: str, name: str) -> tuple[TextTokenizer, EncoderInfo]:
+    """Tokenizer and model facts from the directory, without loading weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    tdir, modes, _ = read_modules(path)
+    sbert = _read_json(tdir / "sentence_bert_config.json") or _read_json(path / "sentence_bert_config.json")
+    config = AutoConfig.from_pretrained(tdir, trust_remote_code=False)
+    max_length = sbert.get("max_seq_length") or getattr(config, "max_position_embeddings", 512)
+    prompts = _read_json(path / "config_sentence_transformers.json").get("prompts") or {}
+    prompts = {k: v for k, v in prompts.items() if v is not None}
+    tokenizer = TextTokenizer.from_file(
+        tdir / "tokenizer.json", max_length=max_length, instructions=prompts, lowercase=sbert.get("do_lower_case", False)
+    )
+    info = EncoderInfo(
+        family="sentence-transformers",
+        name=name,
+        revision=revision,
+        dim=config.hidden_size * len(modes),
+        matryoshka_dims=None,
+        tasks=tuple(prompts),
+        default_task=_first_present(prompts, ("document", "passage", "retrieval.passage")),
+        query_task=_first_present(prompts, ("query", "retrieval.query")),
+        max_length=max_length,
+        pooling="+".join(modes),
+    )
+    return tokenizer, info
+
+
 class SentenceTransformerEncoder(Encoder):
     def __init__(
         self, path: str | Path, *, device: torch.device, dtype: torch.dtype, max_batch_tokens: int, revision: str, name: str
@@ -65,31 +94,12 @@ class SentenceTransformerEncoder(Encoder):
 
         path = Path(path)
         tdir, self.pooling_modes, self.declares_normalize = read_modules(path)
-        sbert = _read_json(tdir / "sentence_bert_config.json") or _read_json(path / "sentence_bert_config.json")
+        tokenizer, info = describe_sentence_transformer(path, revision=revision, name=name)
         config = AutoConfig.from_pretrained(tdir, trust_remote_code=False)
-        max_length = sbert.get("max_seq_length") or getattr(config, "max_position_embeddings", 512)
-        prompts = (_read_json(path / "config_sentence_transformers.json").get("prompts") or {})
-        prompts = {k: v for k, v in prompts.items() if v is not None}
-        tokenizer = TextTokenizer.from_file(
-            tdir / "tokenizer.json", max_length=max_length, instructions=prompts, lowercase=sbert.get("do_lower_case", False)
-        )
         self.model = AutoModel.from_pretrained(
             tdir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
         ).to(device).eval()
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-        dim = config.hidden_size * len(self.pooling_modes)
-        info = EncoderInfo(
-            family="sentence-transformers",
-            name=name,
-            revision=revision,
-            dim=dim,
-            matryoshka_dims=None,
-            tasks=tuple(prompts),
-            default_task=_first_present(prompts, ("document", "passage", "retrieval.passage")),
-            query_task=_first_present(prompts, ("query", "retrieval.query")),
-            max_length=max_length,
-            pooling="+".join(self.pooling_modes),
-        )
         super().__init__(info=info, tokenizer=tokenizer, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
 
     @property

@@ -1,0 +1,39 @@
+"""GPU path: bf16 flash-attn varlen against the CPU float32 padded path. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_jina import sts_sentences
+
+from model import load_encoder
+from model.attention import flash_varlen_kernel
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(flash_varlen_kernel() is None, reason="needs flash-attn (embedlake[gpu])"),
+]
+
+BF16_COSINE_MIN = 0.999
+
+
+@pytest.mark.parametrize("task", [None, "retrieval.passage"])
+def test_flash_varlen_bf16_matches_cpu_fp32(tiny_jina_dir, task):
+    texts = sts_sentences("test")[:64] + [" ".join(sts_sentences("test")[:400])]
+    gpu = load_encoder(str(tiny_jina_dir))
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16 and gpu.attention_impl == "varlen"
+    cpu = load_encoder(str(tiny_jina_dir), device="cpu", dtype=torch.float32)
+    a, b = gpu.encode(texts, task=task), cpu.encode(texts, task=task)
+    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
+
+
+def test_flash_late_chunking_matches_cpu(tiny_jina_dir):
+    text = " ".join(sts_sentences("test")[:200])
+    spans = [[(0, 300), (300, 2000), (2000, len(text))]]
+    gpu = load_encoder(str(tiny_jina_dir))
+    cpu = load_encoder(str(tiny_jina_dir), device="cpu", dtype=torch.float32)
+    a = gpu.encode_spans([text], spans, task="retrieval.passage", window=1024, overlap=128)[0]
+    b = cpu.encode_spans([text], spans, task="retrieval.passage", window=1024, overlap=128)[0]
+    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN and np.isfinite(a).all()
