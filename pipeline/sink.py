@@ -179,6 +179,10 @@ class FragmentWriter:
                 summed = _numeric_sum(batch[name])
                 if summed is not None:
                     out[name] = pa.array([summed[1]], summed[0])
+                elif pa.types.is_string(batch[name].type) or pa.types.is_large_string(batch[name].type):
+                    # String stats (e.g. which actor embedded a row) travel as value -> row count.
+                    counts = pc.value_counts(batch[name].drop_null()).to_pylist()
+                    out[name] = pa.array([json.dumps({c["values"]: c["counts"] for c in counts})], pa.string())
         return pa.table(out)
 
 
@@ -198,6 +202,7 @@ class CommitSummary:
     versions: tuple[int, ...]  # the version each data commit produced, in order
     rejects: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, int | float] = field(default_factory=dict)  # sums of the internal `_x` columns
+    tallies: dict[str, dict[str, int]] = field(default_factory=dict)  # string `_x` columns: value -> rows
 
 
 def _open_existing(uri: str, storage_options: Mapping[str, str]) -> lance.LanceDataset | None:
@@ -279,6 +284,7 @@ class LanceCommitter:
         self.versions: list[int] = []
         self.rejects: list[dict[str, Any]] = []
         self.stats: dict[str, int | float] = {}
+        self.tallies: dict[str, dict[str, int]] = {}
 
     def begin(self) -> int | None:
         """Check `mode` against the table's state; return the version read (None if no table yet)."""
@@ -314,7 +320,13 @@ class LanceCommitter:
             self.rows_received += num_rows
             self.rejects.extend(json.loads(row["rejects"]))
             for name, value in row.items():
-                if name.startswith(INTERNAL_PREFIX) and value is not None:
+                if not name.startswith(INTERNAL_PREFIX) or value is None:
+                    continue
+                if isinstance(value, str):
+                    tally = self.tallies.setdefault(name, {})
+                    for key, count in json.loads(value).items():
+                        tally[key] = tally.get(key, 0) + count
+                else:
                     self.stats[name] = self.stats.get(name, 0) + value
             if self.mode != "overwrite" and self._window_full():
                 self._commit_window()
@@ -354,6 +366,7 @@ class LanceCommitter:
             versions=tuple(self.versions),
             rejects=list(self.rejects),
             stats=dict(self.stats),
+            tallies={k: dict(v) for k, v in self.tallies.items()},
         )
 
     # -- internals --------------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""Embed stage: a Ray actor that loads the encoder once, pinned to its GPU, and turns units into rows.
+
+Input: prepared units (see `prepare.py`). Output: one row per chunk with a FixedSizeList column per
+Matryoshka dim (truncated, then L2-normalized at that dim) and the internal stat columns the writer
+sums. Rejected units pass through untouched so the writer can report them. The class is a plain
+callable: `EmbedStage(spec)(table)` works without Ray, which is how it is unit-tested.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from model import load_encoder
+from pipeline.prepare import CHAR_SPANS, FIRST_CHUNK, IDS, REJECT, TOKEN_SPANS
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    model: str
+    task: str | None
+    dims: tuple[int, ...]  # output dims; the full dim when only that was asked for
+    vector_dtype: str  # "float32" | "float16"
+    late: bool  # units carry token spans (late chunking)
+    window: int
+    overlap: int | None
+    keep_columns: tuple[str, ...]
+    max_batch_tokens: int | None = None
+    cpu_threads: int | None = None
+    storage_options: tuple[tuple[str, str], ...] = ()
+
+
+def vector_column(dim: int) -> str:
+    return f"vector_{dim}"
+
+
+def _assigned_gpus() -> list[str]:
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:  # outside a Ray worker
+        return []
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
+    except Exception:
+        return "local"
+
+
+class EmbedStage:
+    def __init__(self, spec: EmbedSpec):
+        self.spec = spec
+        self.gpu_ids = _assigned_gpus()
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU; without CUDA the encoder runs on CPU.
+        device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
+        if device == "cpu" and spec.cpu_threads:
+            torch.set_num_threads(spec.cpu_threads)
+        self.encoder = load_encoder(
+            spec.model, device=device, max_batch_tokens=spec.max_batch_tokens, storage_options=dict(spec.storage_options)
+        )
+        self.task_ids, _ = self.encoder.resolve_tasks(spec.task, 1)
+        for d in spec.dims:
+            self.encoder.check_dim(d if d != self.encoder.dim else None)
+        self.model_identity = self.encoder.info.identity
+        self.actor = f"node={_node_id()} pid={os.getpid()} gpus={','.join(self.gpu_ids) or 'none'} device={device}"
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One worst-case forward, so memory errors show at start rather than mid-job."""
+        if self.encoder.device.type != "cuda":
+            return
+        n = min(self.spec.window, self.encoder.max_length)
+        ids = np.full(n, self.encoder.tokenizer.token_id("<s>") or 0, dtype=np.int64)
+        self.encoder.embed_ids([ids] * max(1, self.encoder.max_batch_tokens // n), self.task_ids * 1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        before = (self.encoder.stats.real_tokens, self.encoder.stats.computed_tokens)
+        accepted = pc.is_null(batch[REJECT]).to_numpy(zero_copy_only=False)
+        units = batch.filter(pa.array(accepted))
+        vectors = self._embed(units)  # (rows, full dim) float32, one row per output chunk
+        rows = self._rows(units, vectors)
+        rejected = batch.filter(pa.array(~accepted))
+        out = pa.concat_tables([rows, self._passthrough(rejected, rows.schema)]) if rejected.num_rows else rows
+
+        stats = {
+            "_tokens": self.encoder.stats.real_tokens - before[0],
+            "_computed_tokens": self.encoder.stats.computed_tokens - before[1],
+            "_embed_s": time.perf_counter() - t0,
+        }
+        for name in batch.column_names:  # carry upstream stats (sums) on the first output row
+            numeric = pa.types.is_integer(batch[name].type) or pa.types.is_floating(batch[name].type)
+            if name.startswith("_") and numeric and name != FIRST_CHUNK:
+                stats[name] = pc.sum(batch[name]).as_py() or 0
+        n = out.num_rows
+        for name, value in stats.items():
+            col = np.zeros(n, dtype=np.float64 if isinstance(value, float) else np.int64)
+            if n:
+                col[0] = value
+            out = out.append_column(name, pa.array(col))
+        return out.append_column("_actor", pa.array([self.actor] * n, pa.string()))
+
+    def _embed(self, units: pa.Table) -> torch.Tensor:
+        if units.num_rows == 0:
+            return torch.empty((0, self.encoder.dim))
+        seqs = [np.asarray(x, dtype=np.int64) for x in units[IDS].to_pylist()]
+        tasks = self.task_ids * len(seqs)
+        if not self.spec.late:
+            return self.encoder.embed_ids(seqs, tasks)
+        spans = [np.asarray(s, dtype=np.int64).reshape(-1, 2) for s in units[TOKEN_SPANS].to_pylist()]
+        per_doc = self.encoder.embed_id_spans(seqs, spans, tasks, window=self.spec.window, overlap=self.spec.overlap)
+        return torch.cat(per_doc) if per_doc else torch.empty((0, self.encoder.dim))
+
+    def _rows(self, units: pa.Table, vectors: torch.Tensor) -> pa.Table:
+        """One row per chunk: spans expand documents (late chunking) or map 1:1 (other modes)."""
+        char_spans = [np.asarray(s, dtype=np.int64).reshape(-1, 2) for s in units[CHAR_SPANS].to_pylist()]
+        counts = np.array([len(s) for s in char_spans], dtype=np.int64)
+        if counts.sum() != vectors.shape[0]:
+            raise AssertionError("chunk count does not match vector count: this is a bug")
+        take = pa.array(np.repeat(np.arange(units.num_rows), counts))
+        texts = units["text"].to_pylist()
+        first = units[FIRST_CHUNK].to_numpy()
+        spans = np.concatenate(char_spans) if len(char_spans) else np.zeros((0, 2), np.int64)
+        chunk = np.concatenate([first[i] + np.arange(c) for i, c in enumerate(counts)]) if len(counts) else spans[:, 0]
+        chunk_text = [texts[u][s:e] for u, (s, e) in zip(np.repeat(np.arange(units.num_rows), counts), spans, strict=True)]
+        cols: dict[str, pa.Array] = {
+            "id": units["id"].take(take),
+            "chunk": pa.array(chunk, pa.int32()),
+            "start": pa.array(spans[:, 0], pa.int32()),
+            "end": pa.array(spans[:, 1], pa.int32()),
+            "text": pa.array(chunk_text, pa.string()),
+        }
+        np_dtype = np.float16 if self.spec.vector_dtype == "float16" else np.float32
+        for d in self.spec.dims:
+            v = self.encoder.finalize(vectors, d, normalize=True).astype(np_dtype)
+            cols[vector_column(d)] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), d)
+        cols["content_hash"] = units["content_hash"].take(take)
+        cols["model"] = pa.array([self.model_identity] * len(chunk), pa.string())
+        for c in self.spec.keep_columns:
+            cols[c] = units[c].take(take)
+        cols[REJECT] = pa.nulls(len(chunk), pa.string())
+        return pa.table(cols)
+
+    def _passthrough(self, rejected: pa.Table, schema: pa.Schema) -> pa.Table:
+        """Rejected units as rows of the output schema: nulls everywhere but id, reason and kept columns."""
+        cols = {}
+        for f in schema:
+            if f.name == "id" or f.name == REJECT or f.name in self.spec.keep_columns:
+                cols[f.name] = rejected[f.name].cast(f.type)
+            elif f.name == "chunk":
+                cols[f.name] = pa.array(np.zeros(rejected.num_rows, np.int32))
+            else:
+                cols[f.name] = pa.nulls(rejected.num_rows, f.type)
+        return pa.table(cols, schema=schema)

@@ -1,0 +1,91 @@
+"""The run report: what was read, written, rejected, and how fast; printed and stored beside the table."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from pipeline.storage import StorageConfig
+
+if TYPE_CHECKING:
+    from pipeline.run import ResolvedJob
+    from pipeline.sink import CommitSummary
+
+MAX_REJECTS_LISTED = 1000
+
+
+def build_report(job: ResolvedJob, summary: CommitSummary, *, wall_s: float, indexes: dict) -> dict:
+    s = summary.stats
+    cfg = job.cfg
+    docs_ok = int(s.get("_docs", 0))
+    tokens = int(s.get("_tokens", 0))
+    computed = int(s.get("_computed_tokens", 0))
+    embed_s = float(s.get("_embed_s", 0.0))
+    reasons: dict[str, int] = {}
+    for r in summary.rejects:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return {
+        "run_id": cfg.run_id,
+        "input": cfg.source.input,
+        "output": {"db": cfg.sink.db, "table": cfg.sink.table, "mode": cfg.sink.mode, "version": summary.version},
+        "model": job.info.identity,
+        "task": job.task,
+        "dims": list(job.dims),
+        "chunking": {"mode": cfg.chunking.mode, "late": cfg.chunking.late and cfg.chunking.mode != "none",
+                     "window": job.window},
+        "documents_read": docs_ok + len(summary.rejects),
+        "documents_embedded": docs_ok,
+        "documents_rejected": len(summary.rejects),
+        "documents_truncated": int(s.get("_truncated", 0)),
+        "rejected_by_reason": reasons,
+        "rejected": summary.rejects[:MAX_REJECTS_LISTED],
+        "chunks_written": summary.rows_committed,
+        "tokens": tokens,
+        "computed_tokens": computed,
+        "padding_efficiency": round(tokens / computed, 4) if computed else 1.0,
+        "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0,
+        "encoder_tokens_per_s": round(tokens / embed_s, 1) if embed_s else 0.0,
+        "wall_s": round(wall_s, 2),
+        "stage_s": {  # summed task time per stage (stages overlap, so these exceed wall time together)
+            "prepare": round(float(s.get("_prepare_s", 0.0)), 2),
+            "embed": round(embed_s, 2),
+        },
+        "actors": summary.tallies.get("_actor", {}),
+        "commits": summary.commits,
+        "fragments": summary.fragments_committed,
+        "indexes": indexes,
+    }
+
+
+def report_url(db: str, table: str, run_id: str) -> str:
+    return f"{db.rstrip('/')}/{table}.reports/{run_id}.json"
+
+
+def save_report(report: dict, db: str, table: str, storage: StorageConfig) -> str:
+    """Beside the table (never inside the Lance directory, whose cleanup owns every file there)."""
+    url = report_url(db, table, report["run_id"])
+    fs = storage.fsspec_filesystem(url)
+    path = url.split("://", 1)[1] if "://" in url else url
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as fh:
+        json.dump(report, fh, indent=2)
+    return url
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"run {report['run_id']}: {report['input']} -> {report['output']['db']} table {report['output']['table']}"
+        f" (version {report['output']['version']})",
+        f"  model {report['model']}  task {report['task']}  dims {report['dims']}  chunking {report['chunking']}",
+        f"  documents read {report['documents_read']}  embedded {report['documents_embedded']}"
+        f"  rejected {report['documents_rejected']} {report['rejected_by_reason'] or ''}"
+        f"  truncated {report['documents_truncated']}",
+        f"  chunks written {report['chunks_written']}  tokens {report['tokens']}"
+        f"  padding efficiency {report['padding_efficiency']:.1%}",
+        f"  wall {report['wall_s']} s  tokens/s {report['tokens_per_s']} (encoder {report['encoder_tokens_per_s']})"
+        f"  stage seconds {report['stage_s']}",
+        f"  actors {len(report['actors'])}  commits {report['commits']}  indexes {report['indexes'] or 'none'}",
+    ]
+    if report.get("report_path"):
+        lines.append(f"  report {report['report_path']}")
+    return "\n".join(lines)

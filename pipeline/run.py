@@ -1,0 +1,180 @@
+"""The embed job end to end: read -> prepare -> embed -> write, streaming on Ray Data.
+
+read_parquet (shard-parallel) -> `prepare_batch` CPU tasks (tokenize, chunk, reject) -> `EmbedStage`
+actor pool (one per GPU, `num_gpus=1`; length-sorted token-budget batches inside each call) ->
+`FragmentWriter` actors (uncommitted Lance fragments) -> driver commits windows atomically.
+Every stage is sized to leave CPUs free for the others (an actor pool holding all CPUs deadlocks
+reads and writes: ray-lance spec §0.7).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+
+from model import EncoderInfo, describe_model
+from pipeline.config import JobConfig
+from pipeline.embed import EmbedSpec, EmbedStage, vector_column
+from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
+from pipeline.read import read_source, source_schema
+from pipeline.report import build_report, save_report
+from pipeline.sink import LanceCommitter, build_vector_indexes, table_uri, write_dataset
+from pipeline.storage import StorageConfig
+
+log = logging.getLogger("embedlake")
+
+LIGHT_TASK_CPUS = 0.25  # read, prepare and write tasks: small, so they always fit beside the actors
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """The job with every default decided against the model and the cluster."""
+
+    cfg: JobConfig
+    info: EncoderInfo
+    task: str | None
+    dims: tuple[int, ...]
+    window: int
+    actors: int
+    gpus_per_actor: int
+    storage: StorageConfig
+
+
+def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
+    cfg.chunking.validate()
+    storage = StorageConfig.from_env(cfg.storage_options)
+    info = describe_model(cfg.encode.model).info
+    task = cfg.encode.task if cfg.encode.task is not None else info.default_task
+    if task is not None and task not in info.tasks:
+        raise ValueError(f"unknown task {task!r} for {info.name}; valid tasks: {', '.join(info.tasks) or 'none'}")
+    dims = tuple(dict.fromkeys(cfg.encode.dims)) or (info.dim,)
+    for d in dims:
+        allowed = info.matryoshka_dims or range(1, info.dim + 1)
+        if d not in allowed:
+            valid = list(info.matryoshka_dims) if info.matryoshka_dims else f"1..{info.dim}"
+            raise ValueError(f"--dims {d} is not available from {info.name}; valid dims: {valid}")
+    window = min(cfg.chunking.max_length or info.max_length, info.max_length)
+    resources = cluster if cluster is not None else ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if cfg.encode.actors is not None and cfg.encode.actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {cfg.encode.actors}")
+    default_actors = gpus if gpus else max(1, int(cpus // 2 // max(cfg.encode.cpus_per_actor, 1)))
+    return ResolvedJob(
+        cfg=cfg,
+        info=info,
+        task=task,
+        dims=dims,
+        window=window,
+        actors=cfg.encode.actors or default_actors,
+        gpus_per_actor=1 if gpus else 0,
+        storage=storage,
+    )
+
+
+def output_schema(job: ResolvedJob, source: pa.Schema) -> pa.Schema:
+    """The table contract: one row per chunk, a vector column per dim, provenance, kept columns."""
+    vtype = pa.float16() if job.cfg.encode.vector_dtype == "float16" else pa.float32()
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("chunk", pa.int32()),
+        pa.field("start", pa.int32()),
+        pa.field("end", pa.int32()),
+        pa.field("text", pa.string()),
+        *[pa.field(vector_column(d), pa.list_(vtype, d)) for d in job.dims],
+        pa.field("content_hash", pa.string()),
+        pa.field("model", pa.string()),
+        *[source.field(c) for c in job.cfg.source.keep_columns],
+    ]
+    return pa.schema(fields)
+
+
+def table_metadata(job: ResolvedJob) -> dict[str, str]:
+    cfg = job.cfg
+    return {
+        "run_id": cfg.run_id,
+        "model": job.info.identity,
+        "model_ref": cfg.encode.model,
+        "model_family": job.info.family,
+        "task": job.task or "",
+        "query_task": job.info.query_task or "",
+        "dims": ",".join(map(str, job.dims)),
+        "vector_dtype": cfg.encode.vector_dtype,
+        "chunking": json.dumps(
+            {"mode": cfg.chunking.mode, "chunk_tokens": cfg.chunking.chunk_tokens,
+             "chunk_sentences": cfg.chunking.chunk_sentences, "late": cfg.chunking.late and cfg.chunking.mode != "none",
+             "window": job.window, "overlap": cfg.chunking.overlap}
+        ),
+        "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -> ray.data.Dataset:
+    cfg = job.cfg
+    late = cfg.chunking.late and cfg.chunking.mode != "none"
+    ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS)
+    prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task, window=job.window)
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    spec = EmbedSpec(
+        model=cfg.encode.model,
+        task=job.task,
+        dims=job.dims,
+        vector_dtype=cfg.encode.vector_dtype,
+        late=late,
+        window=job.window,
+        overlap=cfg.chunking.overlap,
+        keep_columns=cfg.source.keep_columns,
+        max_batch_tokens=cfg.encode.max_batch_tokens,
+        cpu_threads=max(1, int(cfg.encode.cpus_per_actor)),
+    )
+    return ds.map_batches(
+        EmbedStage,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=cfg.encode.sort_window,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=job.actors),
+        num_gpus=job.gpus_per_actor,
+        num_cpus=cfg.encode.cpus_per_actor,
+    )
+
+
+def ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)  # RAY_ADDRESS (job submission) or local
+
+
+def run_job(cfg: JobConfig) -> dict:
+    """Run the job on the current Ray cluster (local if none); return and store the run report."""
+    ensure_ray()
+    t0 = time.perf_counter()
+    job = resolve(cfg)
+    log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
+    source = source_schema(cfg.source, job.storage)
+    schema = output_schema(job, source)
+    uri = table_uri(cfg.sink.db, cfg.sink.table)
+    committer = LanceCommitter(
+        uri,
+        schema,
+        job.storage.lance_options(),
+        cfg.sink.mode,
+        commit_every_rows=cfg.sink.commit_every_rows,
+        commit_every_s=cfg.sink.commit_every_s,
+        metadata=table_metadata(job),
+    )
+    summary = write_dataset(build_dataset(job), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    indexes = {}
+    if cfg.sink.index:
+        cols = [vector_column(d) for d in job.dims]
+        indexes = build_vector_indexes(cfg.sink.db, cfg.sink.table, cols, job.storage.lance_options())
+    report = build_report(job, summary, wall_s=time.perf_counter() - t0, indexes=indexes)
+    report["report_path"] = save_report(report, cfg.sink.db, cfg.sink.table, job.storage)
+    return report
+
+
+__all__ = ["REJECT", "ResolvedJob", "build_dataset", "output_schema", "resolve", "run_job"]
