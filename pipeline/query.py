@@ -42,7 +42,7 @@ def search(
         tbl.search(query, vector_column_name=column)
         .distance_type("cosine")
         .limit(k)
-        .select(["id", "chunk", "text"])
+        .select(["id", "chunk", "text", "_distance"])
         .to_list()
     )
     return [{"id": h["id"], "chunk": h["chunk"], "score": 1.0 - h["_distance"], "text": h["text"]} for h in hits]

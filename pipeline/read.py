@@ -46,6 +46,9 @@ def source_schema(source: SourceConfig, storage: StorageConfig) -> pa.Schema:
 
 
 def read_source(source: SourceConfig, storage: StorageConfig, *, num_cpus: float) -> ray.data.Dataset:
+    # Ray 2.60's Parquet datasource v2 adds a ListFiles task that always asks for a whole CPU: on a
+    # small cluster it waits forever beside the encoder actors. The files are listed here anyway.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     files = list_files(source, storage)
     ds = ray.data.read_parquet(
         files, filesystem=storage.pyarrow_filesystem(source.input), ray_remote_args={"num_cpus": num_cpus}
