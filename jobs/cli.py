@@ -208,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # user errors: say what, no traceback
+        print(f"embedlake: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

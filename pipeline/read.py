@@ -51,6 +51,6 @@ def read_source(source: SourceConfig, storage: StorageConfig, *, num_cpus: float
     ray.data.DataContext.get_current().use_datasource_v2 = False
     files = list_files(source, storage)
     ds = ray.data.read_parquet(
-        files, filesystem=storage.pyarrow_filesystem(source.input), ray_remote_args={"num_cpus": num_cpus}
+        files, filesystem=storage.pyarrow_filesystem(source.input), num_cpus=num_cpus
     )
     return ds.select_columns(source.columns)
