@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,7 +55,6 @@ class EncodeStats:
     computed_tokens: int = 0
     batches: int = 0
     seconds: float = 0.0
-    per_batch: list[int] = field(default_factory=list, repr=False)
 
     @property
     def padding_efficiency(self) -> float:

@@ -96,6 +96,9 @@ class SentenceTransformerEncoder(Encoder):
         tdir, self.pooling_modes, self.declares_normalize = read_modules(path)
         tokenizer, info = describe_sentence_transformer(path, revision=revision, name=name)
         config = AutoConfig.from_pretrained(tdir, trust_remote_code=False)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per actor and load is noise in job logs
         self.model = AutoModel.from_pretrained(
             tdir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
         ).to(device).eval()
