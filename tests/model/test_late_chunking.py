@@ -126,3 +126,15 @@ def test_chunk_spans_modes(minilm):
     assert chunk_spans(minilm.tokenizer, "", "fixed", chunk_tokens=4) == [(0, 0)]
     with pytest.raises(ValueError, match="none, fixed, sentences"):
         chunk_spans(minilm.tokenizer, "x", "semantic")
+
+
+def test_one_token_document_with_instruction_jina(tiny_jina_dir):
+    """Reference rule (spec §6.3): the single span of document "A" is (0, n_instr + 3)."""
+    enc = load_encoder(str(tiny_jina_dir), device="cpu")
+    prefix = enc.tokenizer.prefix("retrieval.passage")
+    n_instr = len(enc.tokenizer.encode_with_offsets([prefix], [""])[0].starts)  # instruction tokenized alone
+    doc = enc.tokenizer.encode_with_offsets(["A"], [prefix])[0]
+    assert len(doc.starts) == 1 and doc.content_start == 1 + n_instr
+    assert token_spans(doc, [(0, 1)]).tolist() == [[0, n_instr + 3]]
+    late = enc.encode_spans(["A"], [[(0, 1)]], task="retrieval.passage")[0]
+    np.testing.assert_allclose(late, enc.encode(["A"], task="retrieval.passage"), atol=ATOL_FP32)
