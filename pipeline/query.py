@@ -12,8 +12,8 @@ from pipeline.storage import StorageConfig
 
 
 @functools.cache
-def _encoder(model_ref: str) -> Encoder:
-    return load_encoder(model_ref)
+def _encoder(model_ref: str, options: tuple[tuple[str, object], ...]) -> Encoder:
+    return load_encoder(model_ref, storage_options=dict(options))
 
 
 def search(
@@ -33,11 +33,16 @@ def search(
     if column not in {f"vector_{d}" for d in dims}:
         raise ValueError(f"column {column!r} is not in table {table}; vector columns: {[f'vector_{d}' for d in dims]}")
     dim = int(column.removeprefix("vector_"))
-    encoder = _encoder(meta["model_ref"])
+    ref = meta["model_ref"]
+    encoder = _encoder(ref, tuple(sorted(storage.fsspec_options(ref).items())))
     if encoder.info.identity != meta["model"]:
-        raise ValueError(f"model {meta['model_ref']} is now {encoder.info.identity}, but the table holds {meta['model']}")
-    query = encoder.encode([text], task=meta.get("query_task") or None, dim=None if dim == encoder.dim else dim)[0]
+        raise ValueError(f"model {ref} is now {encoder.info.identity}, but the table holds {meta['model']}")
     tbl = lancedb.connect(db, storage_options=storage.lance_options()).open_table(table)
+    # Metadata is committed after the data; a crash between the two leaves it stale. Rows say truly.
+    sample = tbl.search().limit(1).select(["model"]).to_list()
+    if sample and sample[0]["model"] != meta["model"]:
+        raise ValueError(f"table {table} metadata names {meta['model']} but its rows hold {sample[0]['model']}; re-run the job")
+    query = encoder.encode([text], task=meta.get("query_task") or None, dim=None if dim == encoder.dim else dim)[0]
     hits = (
         tbl.search(query, vector_column_name=column)
         .distance_type("cosine")

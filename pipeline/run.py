@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ class ResolvedJob:
 def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     cfg.chunking.validate()
     storage = StorageConfig.from_env(cfg.storage_options)
-    info = describe_model(cfg.encode.model).info
+    info = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model)).info
     task = cfg.encode.task if cfg.encode.task is not None else info.default_task
     if task is not None and task not in info.tasks:
         raise ValueError(f"unknown task {task!r} for {info.name}; valid tasks: {', '.join(info.tasks) or 'none'}")
@@ -119,7 +120,9 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
     ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS)
-    prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task, window=job.window)
+    model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
+    prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
+                       window=job.window, storage_options=model_options)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     spec = EmbedSpec(
         model=cfg.encode.model,
@@ -132,6 +135,7 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
         keep_columns=cfg.source.keep_columns,
         max_batch_tokens=cfg.encode.max_batch_tokens,
         cpu_threads=max(1, int(cfg.encode.cpus_per_actor)),
+        storage_options=model_options,
     )
     return ds.map_batches(
         EmbedStage,
@@ -145,8 +149,10 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
 
 
 def ensure_ray() -> None:
+    """Join the cluster RAY_ADDRESS names (set under `ray job submit`); otherwise start a private local
+    one rather than attaching to whatever cluster happens to run on this machine."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)  # RAY_ADDRESS (job submission) or local
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
 
 
 def run_job(cfg: JobConfig) -> dict:

@@ -109,6 +109,13 @@ class StorageConfig:
             return fsspec.core.url_to_fs(url)[0]
         import s3fs
 
+        # skip_instance_cache: two configs with different endpoints must not share a cached client.
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.fsspec_options(url))
+
+    def fsspec_options(self, url: str) -> dict[str, Any]:
+        """These options in fsspec's naming for `url`'s scheme (s3fs keywords for s3://)."""
+        if _scheme(url) not in _S3_SCHEMES:
+            return {}
         opts = self.options
         kwargs: dict[str, Any] = {}
         if "endpoint" in opts:
@@ -121,8 +128,7 @@ class StorageConfig:
             kwargs["token"] = opts["session_token"]
         if "region" in opts:
             kwargs["client_kwargs"] = {"region_name": opts["region"]}
-        # skip_instance_cache: two configs with different endpoints must not share a cached client.
-        return s3fs.S3FileSystem(skip_instance_cache=True, **kwargs)
+        return kwargs
 
     def pyarrow_filesystem(self, url: str) -> pyarrow.fs.FileSystem | None:
         """A pyarrow filesystem for `ray.data.read_parquet(filesystem=...)`; None for local paths.
