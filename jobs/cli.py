@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.bench import register_bench
 
     register_bench(sub)
+    from jobs.eval import register_eval
+
+    register_eval(sub)
     return parser
 
 
