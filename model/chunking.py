@@ -22,8 +22,21 @@ _CLOSERS = "\"'”’»)]}）］｝」』】〕〉》"
 
 
 def _group_spans(starts: np.ndarray, ends: np.ndarray, cuts: list[int]) -> list[CharSpan]:
-    """Token groups [cuts[i], cuts[i+1]) -> character spans."""
-    return [(int(starts[a]), int(ends[b - 1])) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+    """Token groups [cuts[i], cuts[i+1]) -> character spans.
+
+    A cut is only made where the next token starts at or after the previous one's end: SentencePiece
+    emits a lone "▁" whose offsets repeat the next token's, and cutting between the two would make
+    neighbouring spans share a character (and both tokens). Such a cut moves right to the next clean
+    boundary.
+    """
+    clean = [0]
+    for cut in cuts[1:-1]:
+        while cut < len(starts) and starts[cut] < ends[cut - 1]:
+            cut += 1
+        if clean[-1] < cut < len(starts):
+            clean.append(cut)
+    clean.append(cuts[-1])
+    return [(int(starts[a]), int(ends[b - 1])) for a, b in zip(clean[:-1], clean[1:], strict=True) if b > a]
 
 
 def fixed_token_spans(tokenizer: TextTokenizer, text: str, chunk_tokens: int) -> list[CharSpan]:

@@ -138,3 +138,18 @@ def test_one_token_document_with_instruction_jina(tiny_jina_dir):
     assert token_spans(doc, [(0, 1)]).tolist() == [[0, n_instr + 3]]
     late = enc.encode_spans(["A"], [[(0, 1)]], task="retrieval.passage")[0]
     np.testing.assert_allclose(late, enc.encode(["A"], task="retrieval.passage"), atol=ATOL_FP32)
+
+
+def test_chunks_never_split_a_lone_metaspace_token_from_its_word(tiny_jina_dir):
+    """SentencePiece may emit '▁' alone with the next token's offsets; no cut may fall between them."""
+    enc = load_encoder(str(tiny_jina_dir), device="cpu")
+    text = "A man is playing the drums. Two dogs zigzag quietly. Xylophones vex qualmish jockeys."
+    starts, ends = enc.tokenizer.content_offsets(text)
+    shared = [i for i in range(1, len(starts)) if starts[i] < ends[i - 1]]
+    assert shared, "fixture text should contain a lone '▁' token for this test to mean anything"
+    for size in range(1, 8):
+        spans = fixed_token_spans(enc.tokenizer, text, size)
+        assert all(a[1] <= b[0] for a, b in zip(spans[:-1], spans[1:], strict=True)), (size, spans)
+        doc = enc.tokenizer.encode_with_offsets([text], [""])[0]
+        ts = token_spans(doc, spans)
+        assert (ts[1:, 0] == ts[:-1, 1]).all() and ts[0, 0] == 0 and ts[-1, 1] == len(doc.ids)

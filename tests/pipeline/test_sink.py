@@ -50,7 +50,7 @@ def make_rows(n: int, start: int = 0, *, reject_every: int | None = None, seed: 
             "_tokens": pa.array([3] * n, pa.int32()),
             "_computed_tokens": pa.array([4] * n, pa.int64()),
             "_embed_s": pa.array([0.5] * n, pa.float64()),
-            "_chunk_note": pa.array(["x"] * n, pa.string()),  # non-numeric internal: not summed, not stored
+            "_chunk_note": pa.array(["x"] * n, pa.string()),  # string internal: tallied value -> rows
         }
     )
 
@@ -93,7 +93,7 @@ def test_fragment_writer_writes_accepted_rows_and_reports_the_rest(tmp_path):
     assert (
         out.schema.field("_tokens").type == pa.int64() and out.schema.field("_embed_s").type == pa.float64()
     )
-    assert "_chunk_note" not in out.column_names and "_reject_reason" not in out.column_names
+    assert json.loads(row["_chunk_note"]) == {"x": 40} and "_reject_reason" not in out.column_names
     fragments = json.loads(row["fragments"])
     assert sum(f["physical_rows"] for f in fragments) == 34
     with pytest.raises(ValueError, match="not found"):

@@ -1,0 +1,163 @@
+"""EmbedStage called directly (no Ray) on units from prepare_batch, with the real MiniLM model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from shared_data import minilm_dir, qmsum_transcripts, sts_sentences
+
+from model import chunk_spans, load_encoder
+from pipeline.config import ChunkingConfig, SourceConfig
+from pipeline.embed import EmbedSpec, EmbedStage, vector_column
+from pipeline.prepare import REJECT, PrepareSpec, content_hash, prepare_batch
+
+STATS = ("_tokens", "_computed_tokens", "_embed_s", "_docs", "_truncated", "_prepare_s")
+BAD = [
+    (None, "no id here", "missing id"),
+    ("bad-null", None, "missing text"),
+    ("bad-blank", " \t\n ", "empty text"),
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def docs() -> pa.Table:
+    """Good documents (one of them long) with the three kinds of bad rows spread among them."""
+    sents = sts_sentences(30)
+    good = [" ".join(sents[i : i + 3]) for i in range(0, 24, 3)] + [qmsum_transcripts(limit=1)[0][:3000]]
+    ids = [f"doc-{i}" for i in range(len(good))]
+    texts: list = list(good)
+    for pos, (bad_id, bad_text, _) in zip((1, 4, 7), BAD, strict=True):
+        ids.insert(pos, bad_id)
+        texts.insert(pos, bad_text)
+    return pa.table({"id": ids, "text": texts, "lang": [f"l{i}" for i in range(len(ids))]})
+
+
+def _specs(chunking: ChunkingConfig, *, dims, dtype: str, window: int = 256):
+    model = str(minilm_dir())
+    source = SourceConfig(input="unused", keep_columns=("lang",))
+    prep = PrepareSpec(source=source, chunking=chunking, model=model, task=None, window=window)
+    embed = EmbedSpec(
+        model=model,
+        task=None,
+        dims=dims,
+        vector_dtype=dtype,
+        late=chunking.late and chunking.mode != "none",
+        window=window,
+        overlap=chunking.overlap,
+        keep_columns=("lang",),
+    )
+    return prep, embed
+
+
+def _good(docs: pa.Table) -> list[tuple[str, str, str]]:
+    rows = docs.to_pylist()
+    return [
+        (r["id"], r["text"], r["lang"])
+        for r in rows
+        if r["id"] is not None and r["text"] and r["text"].strip()
+    ]
+
+
+def _check_rejects_and_stats(out: pa.Table, docs: pa.Table, units: pa.Table, chunk_rows: int):
+    rejected = out.filter(out[REJECT].is_valid())
+    assert sorted(
+        zip(rejected["id"].to_pylist(), rejected[REJECT].to_pylist(), strict=True), key=str
+    ) == sorted([(i, r) for i, _, r in BAD], key=str)
+    assert rejected["lang"].to_pylist() == ["l1", "l4", "l7"]  # kept columns ride along for the report
+    for c in out.column_names:
+        if c.startswith("vector_"):
+            assert rejected[c].null_count == rejected.num_rows
+    assert out.num_rows == chunk_rows + len(BAD)
+    for name in STATS:
+        assert name in out.column_names, name
+        col = out[name].to_numpy()
+        assert (col[1:] == 0).all()  # batch totals sit on the first row only, so sums stay exact
+    first = out.slice(0, 1).to_pylist()[0]
+    assert first["_docs"] == len(_good(docs))
+    assert first["_tokens"] == sum(len(x) for x in units["_ids"].to_pylist())
+    assert first["_computed_tokens"] >= first["_tokens"] > 0
+    assert first["_embed_s"] > 0
+    assert set(out["_actor"].to_pylist()) == {out["_actor"][0].as_py()}
+    assert "device=cpu" in out["_actor"][0].as_py()
+
+
+def test_no_chunking_float32_one_row_per_document(docs, minilm):
+    window = 64  # the long document is truncated at the window, and that is counted
+    prep, embed = _specs(ChunkingConfig(mode="none"), dims=(384, 64), dtype="float32", window=window)
+    units = prepare_batch(docs, prep)
+    out = EmbedStage(embed)(units)
+    _check_rejects_and_stats(out, docs, units, len(_good(docs)))
+    assert out.slice(0, 1)["_truncated"][0].as_py() == 1
+
+    ok = out.filter(out[REJECT].is_null())
+    good = _good(docs)
+    assert ok["id"].to_pylist() == [i for i, _, _ in good]
+    assert ok["chunk"].to_pylist() == [0] * len(good)
+    assert ok["lang"].to_pylist() == [lang for _, _, lang in good]
+    assert ok["content_hash"].to_pylist() == [content_hash(t) for _, t, _ in good]
+    assert set(ok["model"].to_pylist()) == {minilm.info.identity}
+    for d in (384, 64):
+        col = ok[vector_column(d)]
+        assert col.type == pa.list_(pa.float32(), d)
+        got = np.stack(col.to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        # Stored text is the embedded (truncated) span; vectors equal encoding it.
+        texts = ok["text"].to_pylist()
+        want = minilm.encode(texts, dim=None if d == 384 else d)
+        np.testing.assert_allclose((got * want).sum(1), 1.0, atol=1e-5)
+    long_row = ok.filter(pa.compute.equal(ok["id"], good[-1][0])).to_pylist()[0]
+    assert long_row["start"] == 0 and long_row["end"] < len(good[-1][1])
+    assert long_row["text"] == good[-1][1][: long_row["end"]]
+    short_row = ok.slice(0, 1).to_pylist()[0]
+    assert short_row["end"] == len(good[0][1]) and short_row["text"] == good[0][1]
+
+
+def test_naive_fixed_chunking_float16_one_row_per_chunk(docs, minilm):
+    chunking = ChunkingConfig(mode="fixed", chunk_tokens=12, late=False)
+    prep, embed = _specs(chunking, dims=(384, 32), dtype="float16")
+    units = prepare_batch(docs, prep)
+    out = EmbedStage(embed)(units)
+
+    good = _good(docs)
+    spans = {i: chunk_spans(minilm.tokenizer, t, "fixed", chunk_tokens=12) for i, t, _ in good}
+    _check_rejects_and_stats(out, docs, units, sum(len(s) for s in spans.values()))
+    ok = out.filter(out[REJECT].is_null())
+    rows = ok.to_pylist()
+    texts = {i: t for i, t, _ in good}
+    assert [(r["id"], r["chunk"]) for r in rows] == [(i, c) for i, s in spans.items() for c in range(len(s))]
+    for r in rows:
+        assert (r["start"], r["end"]) == spans[r["id"]][r["chunk"]]
+        assert r["text"] == texts[r["id"]][r["start"] : r["end"]]
+        assert r["content_hash"] == content_hash(texts[r["id"]])  # of the document, not the chunk
+    for d in (384, 32):
+        col = ok[vector_column(d)]
+        assert col.type == pa.list_(pa.float16(), d)
+        got = np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
+        want = minilm.encode([r["text"] for r in rows], dim=None if d == 384 else d)
+        np.testing.assert_allclose(got, want, atol=2e-3)  # float16 storage
+
+
+def test_late_chunking_matches_encode_spans(docs, minilm):
+    chunking = ChunkingConfig(mode="sentences", chunk_sentences=1, late=True)
+    prep, embed = _specs(chunking, dims=(384,), dtype="float32", window=128)
+    units = prepare_batch(docs, prep)
+    assert units.num_rows == docs.num_rows  # one unit per document, whole
+    out = EmbedStage(embed)(units)
+    ok = out.filter(out[REJECT].is_null())
+    good = _good(docs)
+    for doc_id, text, _ in good:
+        rows = ok.filter(pa.compute.equal(ok["id"], doc_id)).to_pylist()
+        assert [r["chunk"] for r in rows] == list(range(len(rows)))
+        spans = [(r["start"], r["end"]) for r in rows]
+        assert spans == chunk_spans(minilm.tokenizer, text, "sentences", chunk_sentences=1)
+        want = minilm.encode_spans([text], [spans], window=128)[0]
+        got = np.stack([r["vector_384"] for r in rows])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert ok.num_rows > len(good)  # documents really were split
