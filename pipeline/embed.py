@@ -58,6 +58,13 @@ def _node_id() -> str:
         return "local"
 
 
+def warmup_batch(encoder, window: int, task: int | None) -> tuple[list[np.ndarray], list[int | None]]:
+    """Full-window sequences filling one token budget: the largest forward the job will run."""
+    n = min(window, encoder.max_length)
+    rows = max(1, encoder.max_batch_tokens // n)
+    return [np.full(n, 5, dtype=np.int64)] * rows, [task] * rows
+
+
 class EmbedStage:
     def __init__(self, spec: EmbedSpec):
         self.spec = spec
@@ -77,12 +84,9 @@ class EmbedStage:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """One worst-case forward, so memory errors show at start rather than mid-job."""
-        if self.encoder.device.type != "cuda":
-            return
-        n = min(self.spec.window, self.encoder.max_length)
-        ids = np.full(n, self.encoder.tokenizer.token_id("<s>") or 0, dtype=np.int64)
-        self.encoder.embed_ids([ids] * max(1, self.encoder.max_batch_tokens // n), self.task_ids * 1)
+        """One worst-case forward on GPU, so memory errors show at start rather than mid-job."""
+        if self.encoder.device.type == "cuda":
+            self.encoder.embed_ids(*warmup_batch(self.encoder, self.spec.window, self.task_ids[0]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()

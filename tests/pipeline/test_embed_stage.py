@@ -161,3 +161,15 @@ def test_late_chunking_matches_encode_spans(docs, minilm):
         got = np.stack([r["vector_384"] for r in rows])
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert ok.num_rows > len(good)  # documents really were split
+
+
+def test_warmup_batch_is_one_full_budget_of_full_windows(tiny_jina_model):
+    import torch
+
+    from model import load_encoder
+    from pipeline.embed import warmup_batch
+
+    enc = load_encoder(str(tiny_jina_model), device="cpu", dtype=torch.float32, max_batch_tokens=1024)
+    seqs, tasks = warmup_batch(enc, 128, 1)
+    assert len(seqs) == len(tasks) == 8 and all(len(s) == 128 for s in seqs)
+    assert enc.embed_ids(seqs, tasks).shape == (8, enc.dim)  # the call the GPU actor makes at start
