@@ -44,6 +44,7 @@ class ResolvedJob:
     window: int
     actors: int
     gpus_per_actor: int
+    cpu_threads: int  # torch threads of a CPU encoder actor
     storage: StorageConfig
 
 
@@ -67,14 +68,19 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     if cfg.encode.actors is not None and cfg.encode.actors < 1:
         raise ValueError(f"--actors must be >= 1, got {cfg.encode.actors}")
     default_actors = gpus if gpus else max(1, int(cpus // 2 // max(cfg.encode.cpus_per_actor, 1)))
+    actors = cfg.encode.actors or default_actors
+    # A CPU actor reserves `cpus_per_actor` for scheduling but computes with its share of the cluster's
+    # cores: the light read/prepare/write tasks beside it need little, and one thread wastes the rest.
+    cpu_threads = max(int(cfg.encode.cpus_per_actor), cpus // actors, 1)
     return ResolvedJob(
         cfg=cfg,
         info=info,
         task=task,
         dims=dims,
         window=window,
-        actors=cfg.encode.actors or default_actors,
+        actors=actors,
         gpus_per_actor=1 if gpus else 0,
+        cpu_threads=cpu_threads,
         storage=storage,
     )
 
@@ -134,7 +140,7 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
         overlap=cfg.chunking.overlap,
         keep_columns=cfg.source.keep_columns,
         max_batch_tokens=cfg.encode.max_batch_tokens,
-        cpu_threads=max(1, int(cfg.encode.cpus_per_actor)),
+        cpu_threads=job.cpu_threads,
         storage_options=model_options,
     )
     return ds.map_batches(
