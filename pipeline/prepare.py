@@ -94,18 +94,26 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
         rows["_truncated"].append(truncated)
         rows["_source_row"].append(i)
 
+    reasons = [_reject_reason(d, t) for d, t in zip(ids_col, texts, strict=True)]
+    whole: dict[int, list[int]] = {}
+    if ch.mode == "none":  # one batched tokenizer call (parallel in Rust) instead of one per document
+        ok = [i for i, r in enumerate(reasons) if r is None]
+        encoded = tok.encode([embedded_text(texts[i], titles[i]) for i in ok], [prefix] * len(ok))
+        whole = {i: ids.tolist() for i, ids in zip(ok, encoded, strict=True)}
+
     for i, (doc_id, raw, title) in enumerate(zip(ids_col, texts, titles, strict=True)):
-        reason = _reject_reason(doc_id, raw)
-        if reason is not None:
-            emit(i, doc_id, raw if isinstance(raw, str) else None, [], [], [], 0, reason, 0, 0)
+        if reasons[i] is not None:
+            emit(i, doc_id, raw if isinstance(raw, str) else None, [], [], [], 0, reasons[i], 0, 0)
             continue
         text = embedded_text(raw, title)
         if ch.mode == "none":
-            doc = tok.encode_with_offsets([text], [prefix], truncate=True)[0]
-            full = len(tok.encode_with_offsets([text], [prefix])[0].ids) if len(doc.ids) >= tok.max_length else 0
-            truncated = int(full > len(doc.ids))
-            end = int(doc.ends[-1]) if truncated else len(text)
-            emit(i, doc_id, text, doc.ids.tolist(), [0, end], [], 0, None, 1, truncated)
+            end, truncated = len(text), 0
+            if len(whole[i]) >= tok.max_length:  # maybe cut at the window: find where, for `end`
+                untruncated = len(tok.encode_with_offsets([text], [prefix])[0].ids)
+                if untruncated > len(whole[i]):
+                    truncated = 1
+                    end = int(tok.encode_with_offsets([text], [prefix], truncate=True)[0].ends[-1])
+            emit(i, doc_id, text, whole[i], [0, end], [], 0, None, 1, truncated)
             continue
         spans = chunk_spans(tok, text, ch.mode, chunk_tokens=ch.chunk_tokens, chunk_sentences=ch.chunk_sentences)
         if ch.late:
