@@ -1,7 +1,7 @@
 """Tiny random jina-embeddings-v3 checkpoints in the *published* on-disk layout.
 
 ``make_tiny_jina(path)`` writes a directory that looks like ``jinaai/jina-embeddings-v3`` scaled
-down (see docs spec ``/work/shared/spec/jina-embeddings-v3.md`` sections 1, 2 and 5):
+down (see docs spec ``../shared/spec/jina-embeddings-v3.md`` sections 1, 2 and 5):
 
 * ``config.json``         -- the published field names/values, sizes scaled down;
 * ``model.safetensors``   -- the published key names (``roberta.`` prefix, torch ``parametrize``
