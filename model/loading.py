@@ -120,11 +120,16 @@ class ModelDescription:
     info: EncoderInfo
 
 
-def describe_model(ref: str | os.PathLike, *, storage_options: dict | None = None) -> ModelDescription:
-    """Tokenizer and model facts without loading weights: what CPU preprocessing stages need."""
+def describe_model(
+    ref: str | os.PathLike, *, storage_options: dict | None = None, revision: str | None = None
+) -> ModelDescription:
+    """Tokenizer and model facts without loading weights: what CPU preprocessing stages need.
+
+    A known `revision` skips hashing the weights (preprocessing workers only need the tokenizer).
+    """
     path = resolve_model_dir(ref, storage_options)
     family = detect_family(path)
-    ident = dict(revision=content_revision(path), name=model_name(path, family))
+    ident = dict(revision=revision or content_revision(path), name=model_name(path, family))
     if family == "jina-v3":
         from model.jina_encoder import describe_jina_v3
 

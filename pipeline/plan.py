@@ -46,7 +46,7 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
             if len(sample) < SAMPLE_DOCS and pf.metadata.num_rows:
                 batch = next(pf.iter_batches(batch_size=SAMPLE_DOCS - len(sample), columns=cfg.source.columns))
                 sample.extend(pa.Table.from_batches([batch]).to_pylist())
-    tok = describe_model(cfg.encode.model).tokenizer
+    tok = describe_model(cfg.encode.model, revision=job.info.revision).tokenizer
     prefix = tok.prefix(job.task)
     tokens, chunks, chars = [], [], []
     for row in sample:

@@ -39,12 +39,15 @@ class PrepareSpec:
     task: str | None
     window: int  # tokens per model window (model maximum or --max-length)
     storage_options: tuple[tuple[str, str], ...] = ()
+    revision: str | None = None  # the driver's content hash: workers need not hash the weights again
 
 
 @functools.cache
-def _tokenizer(model: str, window: int, storage_options: tuple[tuple[str, str], ...]) -> TextTokenizer:
+def _tokenizer(
+    model: str, window: int, storage_options: tuple[tuple[str, str], ...], revision: str | None
+) -> TextTokenizer:
     """One tokenizer per worker process (Ray reuses workers across tasks)."""
-    tok = describe_model(model, storage_options=dict(storage_options)).tokenizer
+    tok = describe_model(model, storage_options=dict(storage_options), revision=revision).tokenizer
     return TextTokenizer(tok._full, max_length=window, instructions=tok.instructions, lowercase=tok.lowercase)
 
 
@@ -71,7 +74,7 @@ def _reject_reason(doc_id, text) -> str | None:
 def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
     t0 = time.perf_counter()
     src, ch = spec.source, spec.chunking
-    tok = _tokenizer(spec.model, spec.window, spec.storage_options)
+    tok = _tokenizer(spec.model, spec.window, spec.storage_options, spec.revision)
     prefix = tok.prefix(spec.task)
     ids_col = batch.column(src.id_column).to_pylist()
     texts = batch.column(src.text_column).to_pylist()

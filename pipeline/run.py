@@ -128,7 +128,7 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
     ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
-                       window=job.window, storage_options=model_options)
+                       window=job.window, storage_options=model_options, revision=job.info.revision)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     spec = EmbedSpec(
         model=cfg.encode.model,
