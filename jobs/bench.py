@@ -27,24 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_DATA = Path(os.environ.get("EMBEDLAKE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
+from jobs.eval import shared_data
+from pipeline.evaluation import load_sts_pairs
 
 # -- real text at three length mixes --------------------------------------------------------------
 
 
 def _sts_sentences() -> list[str]:
-    out = []
-    with open(SHARED_DATA / "stsbenchmark" / "sts-test.csv", encoding="utf-8") as fh:
-        for line in fh:
-            f = line.rstrip("\n").split("\t")
-            out += [f[5], f[6]]
-    return list(dict.fromkeys(out))
+    left, right, _ = load_sts_pairs(shared_data() / "stsbenchmark" / "sts-test.csv")
+    return list(dict.fromkeys(s for pair in zip(left, right, strict=True) for s in pair))
 
 
 def _qmsum_turns() -> list[str]:
     turns = []
-    with open(SHARED_DATA / "qmsum" / "test.jsonl", encoding="utf-8") as fh:
+    with open(shared_data() / "qmsum" / "test.jsonl", encoding="utf-8") as fh:
         for line in fh:
             turns += [f"{t['speaker']}: {t['content']}" for t in json.loads(line)["meeting_transcripts"]]
     return turns
