@@ -17,6 +17,7 @@ from pipeline.config import JobConfig
 from pipeline.prepare import embedded_text
 from pipeline.read import list_files
 from pipeline.run import resolve
+from pipeline.storage import url_path
 
 SAMPLE_DOCS = 256
 # Per-actor tokens/s when none is configured: measured here for MiniLM on 2 CPU cores
@@ -40,7 +41,7 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
     fs = job.storage.fsspec_filesystem(files[0])
     rows_per_file, sample = [], []
     for f in files:
-        with fs.open(f.split("://", 1)[-1] if "://" in f else f, "rb") as fh:
+        with fs.open(url_path(f), "rb") as fh:
             pf = pq.ParquetFile(fh)
             rows_per_file.append(pf.metadata.num_rows)
             if len(sample) < SAMPLE_DOCS and pf.metadata.num_rows:

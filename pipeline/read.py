@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import SourceConfig
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, url_path
 
 _GLOB_CHARS = "*?["
 
@@ -18,7 +18,7 @@ def list_files(source: SourceConfig, storage: StorageConfig) -> list[str]:
     """Every Parquet file of the source, as full URLs (or local paths), sorted."""
     fs = storage.fsspec_filesystem(source.input)
     protocol = source.input.split("://", 1)[0] + "://" if "://" in source.input else ""
-    path = source.input.split("://", 1)[1] if protocol else source.input
+    path = url_path(source.input)
     if any(c in path for c in _GLOB_CHARS):
         found = fs.glob(path) if protocol else _glob.glob(path, recursive=True)
     elif fs.isdir(path):
@@ -37,7 +37,7 @@ def source_schema(source: SourceConfig, storage: StorageConfig) -> pa.Schema:
     """The schema of the first shard, checked for the columns the job needs."""
     first = list_files(source, storage)[0]
     fs = storage.fsspec_filesystem(first)
-    with fs.open(first.split("://", 1)[-1] if "://" in first else first, "rb") as fh:
+    with fs.open(url_path(first), "rb") as fh:
         schema = pq.read_schema(fh)
     missing = [c for c in source.columns if c not in schema.names]
     if missing:

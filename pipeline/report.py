@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, url_path
 
 if TYPE_CHECKING:
     from pipeline.run import ResolvedJob
@@ -65,7 +65,7 @@ def save_report(report: dict, db: str, table: str, storage: StorageConfig) -> st
     """Beside the table (never inside the Lance directory, whose cleanup owns every file there)."""
     url = report_url(db, table, report["run_id"])
     fs = storage.fsspec_filesystem(url)
-    path = url.split("://", 1)[1] if "://" in url else url
+    path = url_path(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as fh:
         json.dump(report, fh, indent=2)

@@ -64,6 +64,11 @@ def _normalize_key(key: str) -> str:
     return _ALIASES.get(key, key)
 
 
+def url_path(url: str) -> str:
+    """The part of `url` an fsspec filesystem takes: `s3://b/k` -> `b/k`; local paths unchanged."""
+    return url.split("://", 1)[1] if "://" in url else url
+
+
 def _scheme(url: str) -> str:
     head, sep, _ = url.partition("://")
     return head.lower() if sep else ""
