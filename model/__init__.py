@@ -2,10 +2,18 @@
 
 from model.chunking import chunk_spans, fixed_token_spans, sentence_spans
 from model.encoder import Encoder, EncoderInfo, EncodeStats
-from model.loading import ModelDescription, describe_model, detect_family, load_encoder
+from model.loading import (
+    PRECISIONS,
+    ModelDescription,
+    describe_model,
+    detect_family,
+    load_encoder,
+    resolve_dtype,
+)
 from model.tokenization import TextTokenizer, long_windows, token_spans
 
 __all__ = [
+    "PRECISIONS",
     "EncodeStats",
     "Encoder",
     "EncoderInfo",
@@ -17,6 +25,7 @@ __all__ = [
     "fixed_token_spans",
     "load_encoder",
     "long_windows",
+    "resolve_dtype",
     "sentence_spans",
     "token_spans",
 ]

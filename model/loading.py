@@ -24,6 +24,39 @@ Family = Literal["jina-v3", "sentence-transformers"]
 
 DEFAULT_MAX_BATCH_TOKENS = {"cuda": 65536, "cpu": 16384}  # performance spec §6: 32k-64k on 80 GB
 
+Precision = Literal["auto", "float32", "bfloat16"]
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """True on CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later).
+
+    There oneDNN runs bf16 GEMMs with fp32 accumulation at about 4x the fp32 rate; on CPUs without
+    them bf16 is emulated and far slower than fp32 (performance spec §7.1), so "auto" keeps fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell cheaply, stay exact
+        return False
+    return " amx_bf16" in flags
+
+
+def resolve_dtype(precision: Precision | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype for a precision choice on a device.
+
+    "auto": bfloat16 where the hardware multiplies bf16 natively (CUDA, CPUs with AMX), float32
+    otherwise. Pooling and normalization always run in float32 whatever the choice.
+    """
+    if isinstance(precision, torch.dtype):
+        return precision
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matrix_units())
+        return torch.bfloat16 if native_bf16 else torch.float32
+    return getattr(torch, precision)
+
 
 def detect_family(path: Path) -> Family:
     config = _read_json(path / "config.json")
@@ -145,15 +178,18 @@ def load_encoder(
     ref: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: Precision | torch.dtype | None = None,
     max_batch_tokens: int | None = None,
     storage_options: dict | None = None,
 ) -> Encoder:
-    """Load an encoder. Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32."""
+    """Load an encoder on CUDA when a GPU is present, else CPU; dtype per `resolve_dtype` ("auto").
+
+    Pass dtype="float32" for reference-exact vectors on any hardware.
+    """
     path = resolve_model_dir(ref, storage_options)
     family = detect_family(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(dtype, device)
     budget = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
     common = dict(device=device, dtype=dtype, max_batch_tokens=budget, revision=content_revision(path), name=model_name(path, family))
     if family == "jina-v3":

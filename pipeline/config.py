@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+from model.loading import Precision
+
 ChunkingMode = Literal["none", "fixed", "sentences"]
 WriteMode = Literal["create", "append", "overwrite"]
 VectorDType = Literal["float32", "float16"]
@@ -55,6 +57,9 @@ class EncodeConfig:
     task: str | None = None  # resolved against the model: retrieval.passage for jina-v3
     dims: tuple[int, ...] = ()  # empty = the full dimension only
     vector_dtype: VectorDType = "float32"
+    # Compute precision: "auto" = bf16 where the hardware multiplies bf16 natively (CUDA, CPUs with
+    # AMX), else float32; "float32" for reference-exact vectors. See model.loading.resolve_dtype.
+    precision: Precision = "auto"
     max_batch_tokens: int | None = None  # None = the encoder's default for its device
     actors: int | None = None  # None = one per GPU, or a CPU count on CPU-only clusters
     cpus_per_actor: float = 1.0

@@ -27,6 +27,7 @@ class EmbedSpec:
     task: str | None
     dims: tuple[int, ...]  # output dims; the full dim when only that was asked for
     vector_dtype: str  # "float32" | "float16"
+    precision: str  # compute precision, resolved per actor's device (model.loading.resolve_dtype)
     late: bool  # units carry token spans (late chunking)
     window: int
     overlap: int | None
@@ -74,13 +75,14 @@ class EmbedStage:
         if device == "cpu" and spec.cpu_threads:
             torch.set_num_threads(spec.cpu_threads)
         self.encoder = load_encoder(
-            spec.model, device=device, max_batch_tokens=spec.max_batch_tokens, storage_options=dict(spec.storage_options)
+            spec.model, device=device, dtype=spec.precision, max_batch_tokens=spec.max_batch_tokens, storage_options=dict(spec.storage_options)
         )
         self.task_ids, _ = self.encoder.resolve_tasks(spec.task, 1)
         for d in spec.dims:
             self.encoder.check_dim(d if d != self.encoder.dim else None)
         self.model_identity = self.encoder.info.identity
         self.actor = f"node={_node_id()} pid={os.getpid()} gpus={','.join(self.gpu_ids) or 'none'} device={device}"
+        self.actor += f" dtype={str(self.encoder.dtype).removeprefix('torch.')}"
         self._warm_up()
 
     def _warm_up(self) -> None:

@@ -202,8 +202,8 @@ def corpus_to_parquet(corpus_path: str | Path, out_path: str | Path) -> int:
 # -- retrieval over a table written by the embed job ----------------------------------------------
 
 
-def _load(model_ref: str, storage: StorageConfig) -> Encoder:
-    return load_encoder(model_ref, storage_options=storage.fsspec_options(model_ref))
+def _load(model_ref: str, storage: StorageConfig, precision: str = "auto") -> Encoder:
+    return load_encoder(model_ref, dtype=precision, storage_options=storage.fsspec_options(model_ref))
 
 
 def _vector_column(meta: Mapping[str, str], table: str, column: str | None) -> tuple[str, int]:
@@ -253,7 +253,7 @@ def evaluate_retrieval(
     storage = StorageConfig.from_env(storage_options)
     meta = read_table_metadata(table_uri(db, table), storage.lance_options())
     column, dim = _vector_column(meta, table, column)
-    encoder = _load(meta["model_ref"], storage)
+    encoder = _load(meta["model_ref"], storage, meta.get("precision", "auto"))  # queries as the documents
     if encoder.info.identity != meta["model"]:
         raise ValueError(f"model {meta['model_ref']} is now {encoder.info.identity}, but the table holds {meta['model']}")
     qids = [q for q in queries if _relevant(qrels.get(q, {}))]  # others are skipped: do not embed them
@@ -299,6 +299,7 @@ def evaluate_sts(
     *,
     split_format: StsFormat = "stsbenchmark",
     task: str | None = None,
+    precision: str = "auto",
     storage_options: dict | None = None,
 ) -> dict:
     """Spearman (and Pearson) of cosine similarity against gold scores, as MTEB's main STS score.
@@ -306,7 +307,7 @@ def evaluate_sts(
     `task` defaults to jina-v3's text-matching adapter when the model has one, else none.
     """
     left, right, gold = load_sts_pairs(pairs_path, split_format)
-    encoder = _load(model_ref, StorageConfig.from_env(storage_options))
+    encoder = _load(model_ref, StorageConfig.from_env(storage_options), precision)
     if task is None and STS_TASK in encoder.tasks:
         task = STS_TASK
     unique = list(dict.fromkeys(left + right))  # embed each sentence once
@@ -316,7 +317,8 @@ def evaluate_sts(
     b = vectors[[index[s] for s in right]]
     cosine = (a * b).sum(axis=1)  # vectors are L2-normalized
     return {"spearman": spearman(cosine, gold), "pearson": pearson(cosine, gold), "pairs": len(gold),
-            "sentences": len(unique), "model": encoder.info.identity, "task": task, "data": str(pairs_path)}
+            "sentences": len(unique), "model": encoder.info.identity, "task": task, "data": str(pairs_path),
+            "dtype": str(encoder.dtype).removeprefix("torch.")}
 
 
 __all__ = [

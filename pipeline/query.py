@@ -12,8 +12,8 @@ from pipeline.storage import StorageConfig
 
 
 @functools.cache
-def _encoder(model_ref: str, options: tuple[tuple[str, object], ...]) -> Encoder:
-    return load_encoder(model_ref, storage_options=dict(options))
+def _encoder(model_ref: str, precision: str, options: tuple[tuple[str, object], ...]) -> Encoder:
+    return load_encoder(model_ref, dtype=precision, storage_options=dict(options))
 
 
 def search(
@@ -34,7 +34,7 @@ def search(
         raise ValueError(f"column {column!r} is not in table {table}; vector columns: {[f'vector_{d}' for d in dims]}")
     dim = int(column.removeprefix("vector_"))
     ref = meta["model_ref"]
-    encoder = _encoder(ref, tuple(sorted(storage.fsspec_options(ref).items())))
+    encoder = _encoder(ref, meta.get("precision", "auto"), tuple(sorted(storage.fsspec_options(ref).items())))
     if encoder.info.identity != meta["model"]:
         raise ValueError(f"model {ref} is now {encoder.info.identity}, but the table holds {meta['model']}")
     tbl = lancedb.connect(db, storage_options=storage.lance_options()).open_table(table)

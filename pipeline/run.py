@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from model import EncoderInfo, describe_model
+from model import PRECISIONS, EncoderInfo, describe_model
 from pipeline.config import JobConfig
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
@@ -50,6 +50,8 @@ class ResolvedJob:
 
 def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     cfg.chunking.validate()
+    if cfg.encode.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.encode.precision!r}")
     storage = StorageConfig.from_env(cfg.storage_options)
     info = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model)).info
     task = cfg.encode.task if cfg.encode.task is not None else info.default_task
@@ -113,6 +115,7 @@ def table_metadata(job: ResolvedJob) -> dict[str, str]:
         "query_task": job.info.query_task or "",
         "dims": ",".join(map(str, job.dims)),
         "vector_dtype": cfg.encode.vector_dtype,
+        "precision": cfg.encode.precision,
         "chunking": json.dumps(
             {"mode": cfg.chunking.mode, "chunk_tokens": cfg.chunking.chunk_tokens,
              "chunk_sentences": cfg.chunking.chunk_sentences, "late": cfg.chunking.late and cfg.chunking.mode != "none",
@@ -135,6 +138,7 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
         task=job.task,
         dims=job.dims,
         vector_dtype=cfg.encode.vector_dtype,
+        precision=cfg.encode.precision,
         late=late,
         window=job.window,
         overlap=cfg.chunking.overlap,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from shared_data import minilm_dir, sts_sentences
 
 from jobs.cli import build_config, build_parser, main, merge_options
+from pipeline.sink import read_table_metadata, table_uri
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +61,14 @@ def test_dry_run_prints_the_plan(corpus, capsys):
 def test_embed_then_query(corpus, tmp_path, capsys, ray_local):
     db = str(tmp_path / "db")
     argv = ["embed", "--input", str(corpus), "--output", db, "--table", "docs", "--model", str(minilm_dir()),
-            "--text-column", "body", "--keep-columns", "lang", "--dims", "384,32", "--actors", "1"]
+            "--text-column", "body", "--keep-columns", "lang", "--dims", "384,32", "--actors", "1",
+            "--precision", "bfloat16"]
     assert main(argv) == 0
     assert "chunks written 60" in capsys.readouterr().out
+    meta = read_table_metadata(table_uri(db, "docs"), {})
+    assert meta["precision"] == "bfloat16"  # the query below is embedded at the table's precision
+    (report,) = [json.loads(f.read_text()) for f in (tmp_path / "db" / "docs.reports").glob("*.json")]
+    assert [a for a in report["actors"] if "dtype=bfloat16" in a]
     target = sts_sentences(60)[7]
     assert main(["query", "--db", db, "--table", "docs", "--text", target, "-k", "2", "--column", "vector_384"]) == 0
     first = capsys.readouterr().out.splitlines()[0]

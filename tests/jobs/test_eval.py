@@ -33,13 +33,14 @@ def test_eval_sts_cli_matches_a_direct_computation(tmp_path, capsys):
     data = tmp_path / "sts-slice.csv"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "sts.json"
-    assert main(["eval", "sts", "--model", str(minilm_dir()), "--data", str(data), "--json", str(out)]) == 0
+    args = ["eval", "sts", "--model", str(minilm_dir()), "--data", str(data), "--precision", "float32", "--json", str(out)]
+    assert main(args) == 0
     result = json.loads(out.read_text())
     fields = [line.split("\t") for line in lines]
-    enc = load_encoder(str(minilm_dir()), device="cpu")
+    enc = load_encoder(str(minilm_dir()), device="cpu", dtype="float32")
     a, b = enc.encode([f[5] for f in fields]), enc.encode([f[6] for f in fields])
     want = spearmanr((a * b).sum(axis=1), [float(f[4]) for f in fields]).statistic
-    assert result["pairs"] == 300 and result["task"] is None
+    assert result["pairs"] == 300 and result["task"] is None and result["dtype"] == "float32"
     assert result["spearman"] == pytest.approx(want, abs=1e-6)
     printed = capsys.readouterr().out
     assert "spearman" in printed and f"{result['spearman']:.4f}" in printed

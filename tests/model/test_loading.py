@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from shared_data import minilm_dir
 
 from model import describe_model, detect_family, load_encoder
-from model.loading import resolve_model_dir
+from model.loading import resolve_dtype, resolve_model_dir
 
 TEXTS = ["A man is playing a guitar.", "Late chunking keeps context."]
 
@@ -29,9 +29,9 @@ def test_families_are_detected(tiny_jina_dir, tmp_path):
         detect_family(tmp_path)
 
 
-def test_defaults_on_cpu_are_float32(tiny_jina_dir):
+def test_defaults_on_cpu(tiny_jina_dir):
     enc = load_encoder(str(tiny_jina_dir))
-    assert enc.device.type == "cpu" and enc.dtype == torch.float32
+    assert enc.device.type == "cpu" and enc.dtype == resolve_dtype("auto", torch.device("cpu"))
     assert enc.max_length == 8192 and enc.info.default_task == "retrieval.passage"
     assert describe_model(str(tiny_jina_dir)).info == enc.info  # no weights needed to describe
 

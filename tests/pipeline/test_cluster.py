@@ -49,7 +49,7 @@ def _job(tmp_path, texts, make_shards, write_shards) -> JobConfig:
     return JobConfig(
         source=SourceConfig(input=str(tmp_path / "in"), keep_columns=("n",)),
         # actors=None: resolve() decides (one per GPU). sort_window: documents per actor call.
-        encode=EncodeConfig(model=str(minilm_dir()), dims=(384, 64), sort_window=8),
+        encode=EncodeConfig(model=str(minilm_dir()), dims=(384, 64), sort_window=8, precision="float32"),
         sink=SinkConfig(db=str(tmp_path / "db"), table="docs"),
     )
 

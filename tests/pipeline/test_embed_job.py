@@ -86,7 +86,7 @@ def local_job(ray_up, tmp_path_factory, make_shards, write_shards):
     shards = write_shards(root / "in", make_shards(texts, shards=3, ids=ids))
     cfg = JobConfig(
         source=SourceConfig(input=str(root / "in"), keep_columns=KEEP),
-        encode=EncodeConfig(model=str(minilm_dir()), dims=DIMS, actors=1),
+        encode=EncodeConfig(model=str(minilm_dir()), dims=DIMS, actors=1, precision="float32"),
         sink=SinkConfig(db=str(root / "db"), table="docs", index=True),
     )
     report = run_job(cfg)
@@ -188,7 +188,7 @@ def two_actor_job(ray_up, tmp_path_factory, passages, make_shards, write_shards,
     cfg = JobConfig(
         source=SourceConfig(input=str(root / "in"), keep_columns=KEEP),
         # sort_window = documents per actor call: 8 passages, ~0.3 s (see spread_over_actors).
-        encode=EncodeConfig(model=str(minilm_dir()), dims=(384, 64), actors=2, sort_window=8),
+        encode=EncodeConfig(model=str(minilm_dir()), dims=(384, 64), actors=2, sort_window=8, precision="float32"),
         sink=SinkConfig(db=str(root / "db"), table="docs"),
     )
     with spread_over_actors():
@@ -275,7 +275,7 @@ def test_s3_to_s3(s3_env, ray_up, make_shards, write_shards, minilm):
     db = s3_env.url(prefix, "db")
     cfg = JobConfig(  # no storage_options: the job resolves them from the environment
         source=SourceConfig(input=input_url, keep_columns=KEEP),
-        encode=EncodeConfig(model=str(minilm_dir()), dims=(384, 32), actors=1),
+        encode=EncodeConfig(model=str(minilm_dir()), dims=(384, 32), actors=1, precision="float32"),
         sink=SinkConfig(db=db, table="docs"),
     )
     report = run_job(cfg)
@@ -315,7 +315,7 @@ def late_job(ray_up, tmp_path_factory, make_shards, write_shards, tiny_jina_mode
     shards = write_shards(root / "in", make_shards(texts, shards=3))
     cfg = JobConfig(
         source=SourceConfig(input=str(root / "in")),
-        encode=EncodeConfig(model=str(tiny_jina_model), actors=1),
+        encode=EncodeConfig(model=str(tiny_jina_model), actors=1, precision="float32"),
         chunking=ChunkingConfig(mode="fixed", chunk_tokens=CHUNK_TOKENS, late=True, max_length=LATE_WINDOW),
         sink=SinkConfig(db=str(root / "db"), table="chunks"),
     )
@@ -384,7 +384,7 @@ def test_naive_chunking_vectors_equal_encode_of_chunk_text(
     shards = write_shards(tmp_path / "in", make_shards(texts, shards=3, extra={"title": titles}))
     cfg = JobConfig(
         source=SourceConfig(input=str(tmp_path / "in"), title_column="title", keep_columns=("n",)),
-        encode=EncodeConfig(model=str(minilm_dir()), actors=1),
+        encode=EncodeConfig(model=str(minilm_dir()), actors=1, precision="float32"),
         chunking=ChunkingConfig(mode="sentences", chunk_sentences=1, late=False),
         sink=SinkConfig(db=str(tmp_path / "db"), table="chunks"),
     )

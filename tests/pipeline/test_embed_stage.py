@@ -48,6 +48,7 @@ def _specs(chunking: ChunkingConfig, *, dims, dtype: str, window: int = 256):
         task=None,
         dims=dims,
         vector_dtype=dtype,
+        precision="float32",
         late=chunking.late and chunking.mode != "none",
         window=window,
         overlap=chunking.overlap,
