@@ -37,7 +37,7 @@ EMBED_DEFAULTS = {
     "max_batch_tokens": None,
     "actors": None,
     "cpus_per_actor": 1.0,
-    "sort_window": 1024,
+    "sort_window": 4096,
     "index": False,
     "storage_option": [],
     "commit_every_rows": 100_000,
@@ -77,7 +77,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, help="token budget per forward pass (default: 65536 on GPU, 16384 on CPU)")
     p.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, or a CPU count on CPU-only clusters)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per encoder actor (default: 1)")
-    p.add_argument("--sort-window", type=int, help="documents per encoder call, length-sorted inside (default: 1024)")
+    p.add_argument("--sort-window", type=int, help="documents per encoder call, length-sorted inside (default: 4096)")
     p.add_argument("--index", action="store_true", default=None, help="build an ANN index on each vector column after the write")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                    help="object store option for the reader and LanceDB (repeatable), e.g. endpoint=http://127.0.0.1:9000")

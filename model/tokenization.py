@@ -57,6 +57,10 @@ class TextTokenizer:
             raise FileNotFoundError(f"{path}: a fast tokenizer (tokenizer.json) is required for offsets")
         return cls(Tokenizer.from_file(str(path)), **kwargs)
 
+    def with_max_length(self, max_length: int) -> TextTokenizer:
+        """The same tokenizer truncating at `max_length` (a pipeline's window may be below the model's)."""
+        return TextTokenizer(self._full, max_length=max_length, instructions=self.instructions, lowercase=self.lowercase)
+
     def token_id(self, token: str) -> int | None:
         return self._full.token_to_id(token)
 

@@ -10,7 +10,6 @@ are reported by the writer. Units are:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from model import TextTokenizer, chunk_spans, describe_model, token_spans
+from model import TextTokenizer, chunk_spans, token_spans
 from pipeline.config import ChunkingConfig, SourceConfig
 
 # Internal columns (prefix "_") travel with the rows and are summed or dropped by the writer.
@@ -40,15 +39,27 @@ class PrepareSpec:
     window: int  # tokens per model window (model maximum or --max-length)
     storage_options: tuple[tuple[str, str], ...] = ()
     revision: str | None = None  # the driver's content hash: workers need not hash the weights again
+    # The driver's tokenizer in Ray's object store: workers then import neither torch nor
+    # transformers (seconds of CPU per worker, taken from the encoder beside them on small nodes).
+    tokenizer_ref: object | None = None
 
 
-@functools.cache
-def _tokenizer(
-    model: str, window: int, storage_options: tuple[tuple[str, str], ...], revision: str | None
-) -> TextTokenizer:
-    """One tokenizer per worker process (Ray reuses workers across tasks)."""
-    tok = describe_model(model, storage_options=dict(storage_options), revision=revision).tokenizer
-    return TextTokenizer(tok._full, max_length=window, instructions=tok.instructions, lowercase=tok.lowercase)
+_TOKENIZERS: dict[object, TextTokenizer] = {}  # one per worker process: Ray reuses workers across tasks
+
+
+def _tokenizer(spec: PrepareSpec) -> TextTokenizer:
+    key = spec.tokenizer_ref.hex() if spec.tokenizer_ref is not None else (spec.model, spec.storage_options)
+    if key not in _TOKENIZERS:
+        if spec.tokenizer_ref is not None:
+            import ray
+
+            tok = ray.get(spec.tokenizer_ref)
+        else:  # called without Ray (tests, tools): describe the model here
+            from model.loading import describe_model
+
+            tok = describe_model(spec.model, storage_options=dict(spec.storage_options), revision=spec.revision).tokenizer
+        _TOKENIZERS[key] = tok.with_max_length(spec.window)
+    return _TOKENIZERS[key]
 
 
 def content_hash(text: str) -> str:
@@ -74,7 +85,7 @@ def _reject_reason(doc_id, text) -> str | None:
 def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
     t0 = time.perf_counter()
     src, ch = spec.source, spec.chunking
-    tok = _tokenizer(spec.model, spec.window, spec.storage_options, spec.revision)
+    tok = _tokenizer(spec)
     prefix = tok.prefix(spec.task)
     ids_col = batch.column(src.id_column).to_pylist()
     texts = batch.column(src.text_column).to_pylist()

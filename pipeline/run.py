@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from model import PRECISIONS, EncoderInfo, describe_model
+from model import PRECISIONS, EncoderInfo, TextTokenizer, describe_model
 from pipeline.config import JobConfig
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
@@ -39,6 +39,7 @@ class ResolvedJob:
 
     cfg: JobConfig
     info: EncoderInfo
+    tokenizer: TextTokenizer
     task: str | None
     dims: tuple[int, ...]
     window: int
@@ -53,7 +54,8 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     if cfg.encode.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.encode.precision!r}")
     storage = StorageConfig.from_env(cfg.storage_options)
-    info = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model)).info
+    described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
+    info = described.info
     task = cfg.encode.task if cfg.encode.task is not None else info.default_task
     if task is not None and task not in info.tasks:
         raise ValueError(f"unknown task {task!r} for {info.name}; valid tasks: {', '.join(info.tasks) or 'none'}")
@@ -77,6 +79,7 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     return ResolvedJob(
         cfg=cfg,
         info=info,
+        tokenizer=described.tokenizer,
         task=task,
         dims=dims,
         window=window,
@@ -131,7 +134,8 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
     ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
-                       window=job.window, storage_options=model_options, revision=job.info.revision)
+                       window=job.window, storage_options=model_options, revision=job.info.revision,
+                       tokenizer_ref=ray.put(job.tokenizer))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     spec = EmbedSpec(
         model=cfg.encode.model,
