@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.eval import shared_data
+from pipeline.config import PRECISIONS
 from pipeline.evaluation import load_sts_pairs
 
 # -- real text at three length mixes --------------------------------------------------------------
@@ -252,7 +253,7 @@ def bench_pipeline(model: str, n: int, repeats: int, actors: int, precision: str
                 ref.append(tokens / timed(st.encode, texts, batch_size=32))
             overhead = [1 - a / b for a, b in zip(e2e, bare, strict=True)]
             vs_st = [a / b for a, b in zip(e2e, ref, strict=True)]
-            rows.append({"mix": mix, "precision": str(enc.dtype).removeprefix("torch."), "documents": len(texts),
+            rows.append({"mix": mix, "precision": enc.precision, "documents": len(texts),
                          "tokens": tokens, "pipeline_tok_s": summarize(e2e), "bare_encoder_tok_s": summarize(bare),
                          "overhead": summarize(overhead), "st_tok_s": summarize(ref), "pipeline_vs_st": summarize(vs_st)})
     return rows
@@ -330,7 +331,7 @@ def register_bench(subparsers) -> None:
     p.add_argument("--sections", default="encoder,padding,pipeline,scaling,gpu", help="comma-separated sections")
     p.add_argument("--texts", type=int, default=2000, help="texts per length mix (default: 2000)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per figure (default: 3)")
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision of pipeline runs (default: auto, as `embed`); the encoder section runs "
                         "float32 and, where the CPU has AMX, bfloat16")
     p.add_argument("--actors", type=int, default=1, help="encoder actors in pipeline runs (default: 1)")

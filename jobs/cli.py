@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import PRECISIONS
+
 EMBED_DEFAULTS = {
     "id_column": "id",
     "text_column": "text",
@@ -61,7 +63,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task adapter/instruction (default: retrieval.passage for jina-v3, none otherwise)")
     p.add_argument("--dims", help="comma-separated Matryoshka dims, one vector column each (default: the full dim)")
     p.add_argument("--vector-dtype", choices=["float32", "float16"], help="stored vector type (default: float32)")
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="compute precision (default: auto = bfloat16 on CUDA and on CPUs with AMX, else float32; "
                         "float32 gives reference-exact vectors)")
     p.add_argument("--chunking", choices=["none", "fixed", "sentences"], help="chunking (default: none)")

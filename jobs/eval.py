@@ -19,6 +19,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.config import PRECISIONS
+
 
 def shared_data() -> Path:
     """The shared data sets beside the checkout (EMBEDLAKE_SHARED_DATA overrides); read when a command runs."""
@@ -119,7 +121,7 @@ def register_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate: retrieval over a table (BEIR files), STS, QMSum late chunking")
     sub = p.add_subparsers(dest="eval_command", required=True)
     json_help = "print results as JSON; with a PATH, write them there and print the table"
-    precision_arg = dict(choices=["auto", "float32", "bfloat16"], default="auto",
+    precision_arg = dict(choices=PRECISIONS, default="auto",
                          help="compute precision (default: auto = bfloat16 on CUDA and AMX CPUs, else float32)")
 
     r = sub.add_parser("retrieval", help="nDCG@10, recall@100, MRR@10 of a table written by `embed`")

@@ -109,6 +109,11 @@ class Encoder(ABC):
         return self.info.matryoshka_dims or (self.info.dim,)
 
     @property
+    def precision(self) -> str:
+        """The compute dtype by name ("float32", "bfloat16"), as `--precision` spells it."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def max_length(self) -> int:
         return self.info.max_length
 

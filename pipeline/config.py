@@ -8,12 +8,15 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 ChunkingMode = Literal["none", "fixed", "sentences"]
 WriteMode = Literal["create", "append", "overwrite"]
 VectorDType = Literal["float32", "float16"]
-Precision = Literal["auto", "float32", "bfloat16"]  # model.PRECISIONS; no torch import in light workers
+# Compute precisions: the same as model.PRECISIONS (a test checks), declared here because light
+# workers import this module and must not import torch.
+Precision = Literal["auto", "float32", "bfloat16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class EmbedStage:
             self.encoder.check_dim(d if d != self.encoder.dim else None)
         self.model_identity = self.encoder.info.identity
         self.actor = f"node={_node_id()} pid={os.getpid()} gpus={','.join(self.gpu_ids) or 'none'} device={device}"
-        self.actor += f" dtype={str(self.encoder.dtype).removeprefix('torch.')}"
+        self.actor += f" dtype={self.encoder.precision}"
         self._warm_up()
 
     def _warm_up(self) -> None:

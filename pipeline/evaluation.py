@@ -318,7 +318,7 @@ def evaluate_sts(
     cosine = (a * b).sum(axis=1)  # vectors are L2-normalized
     return {"spearman": spearman(cosine, gold), "pearson": pearson(cosine, gold), "pairs": len(gold),
             "sentences": len(unique), "model": encoder.info.identity, "task": task, "data": str(pairs_path),
-            "dtype": str(encoder.dtype).removeprefix("torch.")}
+            "dtype": encoder.precision}
 
 
 __all__ = [

@@ -20,6 +20,13 @@ def test_explicit_precisions_and_dtypes_pass_through():
         resolve_dtype("fp8", cpu)
 
 
+def test_the_pipeline_offers_exactly_the_library_precisions():
+    from model import PRECISIONS
+    from pipeline import config
+
+    assert config.PRECISIONS == PRECISIONS
+
+
 def test_auto_is_bf16_only_where_the_hardware_multiplies_bf16():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
