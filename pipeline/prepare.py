@@ -48,7 +48,8 @@ _TOKENIZERS: dict[object, TextTokenizer] = {}  # one per worker process: Ray reu
 
 
 def _tokenizer(spec: PrepareSpec) -> TextTokenizer:
-    key = spec.tokenizer_ref.hex() if spec.tokenizer_ref is not None else (spec.model, spec.storage_options)
+    source = spec.tokenizer_ref.hex() if spec.tokenizer_ref is not None else (spec.model, spec.storage_options)
+    key = (source, spec.window)
     if key not in _TOKENIZERS:
         if spec.tokenizer_ref is not None:
             import ray

@@ -174,3 +174,12 @@ def test_warmup_batch_is_one_full_budget_of_full_windows(tiny_jina_model):
     seqs, tasks = warmup_batch(enc, 128, 1)
     assert len(seqs) == len(tasks) == 8 and all(len(s) == 128 for s in seqs)
     assert enc.embed_ids(seqs, tasks).shape == (8, enc.dim)  # the call the GPU actor makes at start
+
+
+def test_each_window_gets_its_own_tokenizer_in_one_process(docs):
+    """Workers cache tokenizers per process; a cache keyed without the window would truncate wrongly."""
+    longest = {}
+    for window in (64, 128, 64):
+        prep, _ = _specs(ChunkingConfig(mode="none"), dims=(384,), dtype="float32", window=window)
+        longest[window] = max(len(ids) for ids in prepare_batch(docs, prep)["_ids"].to_pylist())
+    assert longest == {64: 64, 128: 128}
