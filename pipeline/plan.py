@@ -88,6 +88,7 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
         "window": job.window,
         "actors": job.actors,
         "device": device,
+        "precision": cfg.encode.precision,
         "estimated_batches": int(np.ceil(est_tokens / budget)) if est_tokens else 0,
         "max_batch_tokens": budget,
         "estimated_output_bytes": int(est_chunks * (vec_bytes + text_bytes + 140)),
@@ -107,7 +108,8 @@ def format_plan(plan: dict) -> str:
         f"  estimated tokens {plan['estimated_tokens']}  chunks {plan['estimated_chunks']}"
         f"  output ~{plan['estimated_output_bytes'] / 1e6:.1f} MB",
         f"  model {plan['model']}  task {plan['task']}  dims {plan['dims']}  window {plan['window']}",
-        f"  plan: {plan['actors']} {plan['device']} actor(s), ~{plan['estimated_batches']} batches of"
+        f"  plan: {plan['actors']} {plan['device']} actor(s) at precision {plan['precision']},"
+        f" ~{plan['estimated_batches']} batches of"
         f" {plan['max_batch_tokens']} tokens",
         f"  estimated duration {plan['estimated_seconds']} s at {plan['tokens_per_second_per_actor']:.0f} tokens/s"
         f" per actor ({plan['tokens_per_second_source']})",

@@ -56,6 +56,7 @@ def test_dry_run_prints_the_plan(corpus, capsys):
                  "--text-column", "body", "--chunking", "sentences", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "documents 60" in out and out.count("part-") == 3 and "estimated duration" in out and "actor" in out
+    assert "at precision auto" in out
 
 
 def test_embed_then_query(corpus, tmp_path, capsys, ray_local):
