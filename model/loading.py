@@ -7,13 +7,14 @@ HF_HUB_OFFLINE=1 when cached). Weights load from safetensors only; remote code n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -25,9 +26,15 @@ Family = Literal["jina-v3", "sentence-transformers"]
 DEFAULT_MAX_BATCH_TOKENS = {"cuda": 65536, "cpu": 16384}  # performance spec §6: 32k-64k on 80 GB
 
 Precision = Literal["auto", "float32", "bfloat16"]
-PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+
+
+@functools.cache
 def cpu_has_bf16_matrix_units() -> bool:
     """True on CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later).
 
@@ -50,8 +57,7 @@ def resolve_dtype(precision: Precision | torch.dtype | None, device: torch.devic
     if isinstance(precision, torch.dtype):
         return precision
     precision = precision or "auto"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matrix_units())
         return torch.bfloat16 if native_bf16 else torch.float32

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from model import PRECISIONS, EncoderInfo, TextTokenizer, describe_model
+from model import EncoderInfo, TextTokenizer, describe_model
+from model.loading import check_precision
 from pipeline.config import JobConfig
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
@@ -51,8 +52,7 @@ class ResolvedJob:
 
 def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     cfg.chunking.validate()
-    if cfg.encode.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.encode.precision!r}")
+    check_precision(cfg.encode.precision)
     storage = StorageConfig.from_env(cfg.storage_options)
     described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
     info = described.info
