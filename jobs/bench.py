@@ -80,16 +80,18 @@ def count_tokens(encoder, texts: list[str]) -> int:
 
 
 def machine_description() -> str:
-    """CPU model, core count and the matrix units that decide the CPU precision (bf16 needs AMX)."""
+    """CPU model, core count and whether it multiplies bf16 natively (which decides the CPU precision)."""
     import platform
 
-    from model.loading import cpu_has_bf16_matrix_units
+    from model.loading import BF16_CPU_FLAGS, cpu_has_native_bf16
 
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name"))
-    return f"{name}, {os.cpu_count()} cores, AMX-BF16 {'yes' if cpu_has_bf16_matrix_units() else 'no'}"
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if cpu_has_native_bf16() else set()
+    native = ", ".join(f for f in BF16_CPU_FLAGS if f in flags) or "none"
+    return f"{name}, {os.cpu_count()} cores, native bf16: {native}"
 
 
 def git_revision() -> str:
@@ -148,7 +150,7 @@ class PeakRSS:
 
 
 def cpu_precisions() -> list[str]:
-    """float32 always; bfloat16 too where "auto" picks it (AMX), since emulated bf16 is not a contender."""
+    """float32 always; bfloat16 too where "auto" picks it (native bf16), since emulated bf16 is not a contender."""
     import torch
 
     from model import resolve_dtype
@@ -333,7 +335,7 @@ def register_bench(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3, help="repetitions per figure (default: 3)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision of pipeline runs (default: auto, as `embed`); the encoder section runs "
-                        "float32 and, where the CPU has AMX, bfloat16")
+                        "float32 and, where the CPU multiplies bf16 natively, bfloat16")
     p.add_argument("--actors", type=int, default=1, help="encoder actors in pipeline runs (default: 1)")
     p.add_argument("--pipeline-docs", type=int, default=20000, help="documents per mix in the pipeline section (default: 20000)")
     p.add_argument("--scaling-base", type=int, default=500, help="documents at 1x (default: 500)")

@@ -64,7 +64,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dims", help="comma-separated Matryoshka dims, one vector column each (default: the full dim)")
     p.add_argument("--vector-dtype", choices=["float32", "float16"], help="stored vector type (default: float32)")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="compute precision (default: auto = bfloat16 on CUDA and on CPUs with AMX, else float32; "
+                   help="compute precision (default: auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32; "
                         "float32 gives reference-exact vectors)")
     p.add_argument("--chunking", choices=["none", "fixed", "sentences"], help="chunking (default: none)")
     p.add_argument("--chunk-tokens", type=int, help="tokens per chunk with --chunking fixed (default: 256)")

@@ -122,7 +122,7 @@ def register_eval(subparsers) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True)
     json_help = "print results as JSON; with a PATH, write them there and print the table"
     precision_arg = dict(choices=PRECISIONS, default="auto",
-                         help="compute precision (default: auto = bfloat16 on CUDA and AMX CPUs, else float32)")
+                         help="compute precision (default: auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32)")
 
     r = sub.add_parser("retrieval", help="nDCG@10, recall@100, MRR@10 of a table written by `embed`")
     r.add_argument("--db", required=True, help="LanceDB URI")

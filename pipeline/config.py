@@ -60,7 +60,7 @@ class EncodeConfig:
     dims: tuple[int, ...] = ()  # empty = the full dimension only
     vector_dtype: VectorDType = "float32"
     # Compute precision: "auto" = bf16 where the hardware multiplies bf16 natively (CUDA, CPUs with
-    # AMX), else float32; "float32" for reference-exact vectors. See model.loading.resolve_dtype.
+    # AMX or AVX512-BF16), else float32; "float32" for reference-exact vectors. See model.loading.resolve_dtype.
     precision: Precision = "auto"
     max_batch_tokens: int | None = None  # None = the encoder's default for its device
     actors: int | None = None  # None = one per GPU, or a CPU count on CPU-only clusters

@@ -8,7 +8,7 @@ import torch
 from shared_data import minilm_dir, qmsum_transcripts, sts_sentences
 
 from model import load_encoder, resolve_dtype
-from model.loading import cpu_has_bf16_matrix_units
+from model.loading import cpu_has_native_bf16
 
 
 def test_explicit_precisions_and_dtypes_pass_through():
@@ -30,15 +30,15 @@ def test_the_pipeline_offers_exactly_the_library_precisions():
 def test_auto_is_bf16_only_where_the_hardware_multiplies_bf16():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
-    want = torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == want
 
 
-def test_amx_detection_agrees_with_torch():
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent on some builds
-    if probe is None:
-        pytest.skip("this torch build has no AMX probe to compare with")
-    assert cpu_has_bf16_matrix_units() == bool(probe())
+def test_native_bf16_detection_agrees_with_torch():
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if None in probes:  # private; absent on some builds
+        pytest.skip("this torch build lacks the AMX / AVX512-BF16 probes to compare with")
+    assert cpu_has_native_bf16() == any(p() for p in probes)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
