@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 # q, k, v -> out; shapes (..., H, D) in the layout's leading dims.
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttentionImpl = Literal["padded", "varlen", "varlen_reference"]
 
 
 @functools.cache
@@ -26,6 +28,19 @@ def flash_varlen_kernel() -> Callable | None:
     except ImportError:
         return None
     return flash_attn_varlen_func
+
+
+def default_impl(device: torch.device, dtype: torch.dtype) -> AttentionImpl:
+    """varlen where flash-attn runs (CUDA, 16-bit), padded SDPA everywhere else."""
+    flash_ok = flash_varlen_kernel() is not None and dtype in (torch.float16, torch.bfloat16)
+    return "varlen" if device.type == "cuda" and flash_ok else "padded"
+
+
+def packed_kernel(impl: AttentionImpl) -> Callable[[torch.Tensor, int], AttentionFn]:
+    """The packed-layout kernel factory for an impl ("varlen" or its CPU stand-in)."""
+    if impl == "padded":
+        raise ValueError("the padded impl has no packed kernel")
+    return varlen if impl == "varlen" else varlen_reference
 
 
 def padded(attention_mask: torch.Tensor) -> AttentionFn:

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from model import attention
+from model.attention import AttentionImpl
 from model.encoder import Encoder, EncoderInfo
 from model.jina_v3 import JinaV3Config, JinaV3Model, load_jina_v3
 from model.packing import pack, pad, task_runs, unpad
 from model.tokenization import TextTokenizer
-
-AttentionImpl = Literal["padded", "varlen", "varlen_reference"]
-
-
-def default_attention(device: torch.device, dtype: torch.dtype) -> AttentionImpl:
-    flash_ok = attention.flash_varlen_kernel() is not None and dtype in (torch.float16, torch.bfloat16)
-    return "varlen" if device.type == "cuda" and flash_ok else "padded"
 
 
 def describe_jina_v3(path: str | Path, *, revision: str, name: str) -> tuple[TextTokenizer, EncoderInfo]:
@@ -64,7 +57,7 @@ class JinaV3Encoder(Encoder):
             info=info, tokenizer=tokenizer, device=param.device, dtype=param.dtype, max_batch_tokens=max_batch_tokens
         )
         self.model = model
-        self.attention_impl = attention_impl or default_attention(param.device, param.dtype)
+        self.attention_impl = attention_impl or attention.default_impl(param.device, param.dtype)
         self.pad_id = model.cfg.pad_token_id
 
     @classmethod
@@ -90,7 +83,7 @@ class JinaV3Encoder(Encoder):
     def _forward(self, seqs: Sequence[np.ndarray], tasks: Sequence[int | None]) -> torch.Tensor:
         if self.packed:
             b = pack(seqs, self.device)
-            kernel = attention.varlen if self.attention_impl == "varlen" else attention.varlen_reference
+            kernel = attention.packed_kernel(self.attention_impl)
             runs = task_runs(tasks, b.lengths)  # runs over packed tokens
             hidden = self.model(b.input_ids, b.position_ids, kernel(b.cu_seqlens, b.max_seqlen), runs)
             return hidden.float()

@@ -1,4 +1,7 @@
-"""Sentence-transformers model directories (BERT, XLM-R, MPNet, ...) through transformers AutoModel.
+"""Sentence-transformers model directories (BERT, XLM-R, MPNet, ...).
+
+BERT, RoBERTa and XLM-R trunks run natively (`bert.py`: padding-free on GPU with flash-attn, no
+transformers import); other architectures (MPNet, DistilBERT, ...) run through transformers AutoModel.
 
 Follows what the directory declares: modules.json (Transformer -> Pooling -> optional Normalize),
 1_Pooling/config.json (pooling mode), sentence_bert_config.json (max_seq_length, do_lower_case),
@@ -15,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import attention
+from model.attention import AttentionImpl
+from model.bert import load_bert, native_config
 from model.encoder import Encoder, EncoderInfo
-from model.packing import pad, pool_spans, unpad
+from model.packing import pack, pad, pool_spans, unpad
 from model.tokenization import TextTokenizer
 
 _POOLING_MODES = {  # 1_Pooling/config.json flag -> our name, in sentence-transformers' concat order
@@ -28,6 +34,8 @@ _POOLING_MODES = {  # 1_Pooling/config.json flag -> our name, in sentence-transf
     "pooling_mode_lasttoken": "lasttoken",
 }
 SUPPORTED_POOLING = ("cls", "max", "mean", "mean_sqrt_len", "lasttoken")
+# Architectures whose positions start at padding_idx + 1, so the position table holds 2 fewer tokens.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
 
 
 def read_modules(path: Path) -> tuple[Path, list[str], bool]:
@@ -59,13 +67,20 @@ def read_modules(path: Path) -> tuple[Path, list[str], bool]:
 
 def describe_sentence_transformer(path: str | Path, *, revision: str, name: str) -> tuple[TextTokenizer, EncoderInfo]:
     """Tokenizer and model facts from the directory, without loading weights."""
-    from transformers import AutoConfig
-
     path = Path(path)
     tdir, modes, _ = read_modules(path)
     sbert = _read_json(tdir / "sentence_bert_config.json") or _read_json(path / "sentence_bert_config.json")
-    config = AutoConfig.from_pretrained(tdir, trust_remote_code=False)
-    max_length = sbert.get("max_seq_length") or getattr(config, "max_position_embeddings", 512)
+    config = _read_json(tdir / "config.json")
+    if "hidden_size" not in config or "max_position_embeddings" not in config:  # e.g. DistilBERT's `dim`
+        from transformers import AutoConfig
+
+        auto = AutoConfig.from_pretrained(tdir, trust_remote_code=False)
+        config = {"hidden_size": auto.hidden_size, "max_position_embeddings": getattr(auto, "max_position_embeddings", 512),
+                  **config}
+    positions = config["max_position_embeddings"]
+    if config.get("model_type") in _OFFSET_POSITIONS:
+        positions -= config.get("pad_token_id", 1) + 1
+    max_length = min(sbert.get("max_seq_length") or positions, positions)
     prompts = _read_json(path / "config_sentence_transformers.json").get("prompts") or {}
     prompts = {k: v for k, v in prompts.items() if v is not None}
     tokenizer = TextTokenizer.from_file(
@@ -75,7 +90,7 @@ def describe_sentence_transformer(path: str | Path, *, revision: str, name: str)
         family="sentence-transformers",
         name=name,
         revision=revision,
-        dim=config.hidden_size * len(modes),
+        dim=config["hidden_size"] * len(modes),
         matryoshka_dims=None,
         tasks=tuple(prompts),
         default_task=_first_present(prompts, ("document", "passage", "retrieval.passage")),
@@ -88,26 +103,37 @@ def describe_sentence_transformer(path: str | Path, *, revision: str, name: str)
 
 class SentenceTransformerEncoder(Encoder):
     def __init__(
-        self, path: str | Path, *, device: torch.device, dtype: torch.dtype, max_batch_tokens: int, revision: str, name: str
+        self,
+        path: str | Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batch_tokens: int,
+        revision: str,
+        name: str,
+        attention_impl: AttentionImpl | None = None,
     ):
-        from transformers import AutoConfig, AutoModel
-
         path = Path(path)
         tdir, self.pooling_modes, self.declares_normalize = read_modules(path)
         tokenizer, info = describe_sentence_transformer(path, revision=revision, name=name)
-        config = AutoConfig.from_pretrained(tdir, trust_remote_code=False)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one bar per actor and load is noise in job logs
-        self.model = AutoModel.from_pretrained(
-            tdir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
-        ).to(device).eval()
-        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        native = native_config(tdir)
+        self.model: torch.nn.Module
+        if native is not None:
+            self.model = load_bert(tdir, native, device=device, dtype=dtype)
+            self.pad_id = native.pad_token_id
+            self.attention_impl = attention_impl or attention.default_impl(device, dtype)
+        else:
+            if attention_impl not in (None, "padded"):
+                raise ValueError(f"{path}: only BERT, RoBERTa and XLM-R trunks run packed; this one is padded only")
+            self.model = _load_transformers(tdir, device, dtype)
+            self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+            self.attention_impl = "padded"
+        self.native = native is not None
         super().__init__(info=info, tokenizer=tokenizer, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
 
     @property
     def packed(self) -> bool:
-        return False
+        return self.attention_impl != "padded"
 
     def encode(self, texts, **kwargs) -> np.ndarray:
         # sentence-transformers strips inputs before tokenizing; do the same so vectors match.
@@ -116,8 +142,15 @@ class SentenceTransformerEncoder(Encoder):
         return super().encode([t.strip() if isinstance(t, str) else t for t in texts], **kwargs)
 
     def _forward(self, seqs: Sequence[np.ndarray], tasks: Sequence[int | None]) -> torch.Tensor:
+        if self.packed:
+            b = pack(seqs, self.device)
+            kernel = attention.packed_kernel(self.attention_impl)
+            return self.model(b.input_ids, b.position_ids, kernel(b.cu_seqlens, b.max_seqlen)).float()
         p = pad(seqs, self.pad_id, self.device)
-        hidden = self.model(input_ids=p.input_ids, attention_mask=p.attention_mask.long()).last_hidden_state
+        if self.native:
+            hidden = self.model(p.input_ids, p.position_ids, attention.padded(p.attention_mask))
+        else:
+            hidden = self.model(input_ids=p.input_ids, attention_mask=p.attention_mask.long()).last_hidden_state
         return unpad(hidden, p.attention_mask).float()
 
     def _pool(self, states: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -136,6 +169,17 @@ class SentenceTransformerEncoder(Encoder):
             elif mode == "max":
                 parts.append(torch.segment_reduce(states, "max", lengths=ends - starts, axis=0))
         return torch.cat(parts, dim=1)
+
+
+def _load_transformers(tdir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Architectures bert.py does not reproduce, through transformers (safetensors only, no remote code)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per actor and load is noise in job logs
+    # transformers picks SDPA where the architecture has it and eager attention elsewhere (MPNet).
+    model = AutoModel.from_pretrained(tdir, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    return model.to(device).eval()
 
 
 def _read_json(path: Path) -> dict:

@@ -37,3 +37,16 @@ def test_flash_late_chunking_matches_cpu(tiny_jina_dir):
     a = gpu.encode_spans([text], spans, task="retrieval.passage", window=1024, overlap=128)[0]
     b = cpu.encode_spans([text], spans, task="retrieval.passage", window=1024, overlap=128)[0]
     assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN and np.isfinite(a).all()
+
+
+def test_flash_varlen_minilm_matches_cpu_fp32():
+    """The native BERT trunk runs padding-free on GPU too (all-MiniLM-L6-v2, real weights)."""
+    from shared_data import minilm_dir
+
+    texts = sts_sentences("test")[:256]
+    gpu = load_encoder(str(minilm_dir()))
+    assert gpu.dtype == torch.bfloat16 and gpu.attention_impl == "varlen"
+    cpu = load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32)
+    a, b = gpu.encode(texts), cpu.encode(texts)
+    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
+    assert gpu.stats.computed_tokens == gpu.stats.real_tokens
