@@ -47,6 +47,7 @@ class ResolvedJob:
     actors: int
     gpus_per_actor: int
     cpu_threads: int  # torch threads of a CPU encoder actor
+    prepare_tasks: int  # concurrent read+prepare tasks: the cores the actors leave free
     storage: StorageConfig
 
 
@@ -76,6 +77,9 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     # A CPU actor reserves `cpus_per_actor` for scheduling but computes with its share of the cluster's
     # cores: the light read/prepare/write tasks beside it need little, and one thread wastes the rest.
     cpu_threads = max(int(cfg.encode.cpus_per_actor), cpus // actors, 1)
+    # Read+prepare tasks ask for a fraction of a CPU so they always fit beside the actors, but more of
+    # them than free cores only adds worker processes (each ~1 s of imports) competing with encoding.
+    prepare_tasks = max(1, int(cpus - actors * cfg.encode.cpus_per_actor))
     return ResolvedJob(
         cfg=cfg,
         info=info,
@@ -86,6 +90,7 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
         actors=actors,
         gpus_per_actor=1 if gpus else 0,
         cpu_threads=cpu_threads,
+        prepare_tasks=prepare_tasks,
         storage=storage,
     )
 
@@ -136,7 +141,8 @@ def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
                        tokenizer_ref=ray.put(job.tokenizer))
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
+                        concurrency=job.prepare_tasks)
     spec = EmbedSpec(
         model=cfg.encode.model,
         task=job.task,

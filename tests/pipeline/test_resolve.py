@@ -1,0 +1,34 @@
+"""How a job's defaults are decided against the model and the cluster (no Ray needed: the cluster is given)."""
+
+from __future__ import annotations
+
+import pytest
+from shared_data import minilm_dir
+
+from pipeline.config import EncodeConfig, JobConfig, SinkConfig, SourceConfig
+from pipeline.run import resolve
+
+
+def _cfg(**encode) -> JobConfig:
+    return JobConfig(source=SourceConfig(input="unused"), encode=EncodeConfig(model=str(minilm_dir()), **encode),
+                     sink=SinkConfig(db="unused", table="t"))
+
+
+@pytest.mark.parametrize(
+    ("cluster", "encode", "want"),
+    [
+        # (actors, gpus per actor, torch threads, concurrent prepare tasks)
+        ({"CPU": 2}, {}, (1, 0, 2, 1)),  # one CPU actor computing on both cores; one prepare task
+        ({"CPU": 16}, {}, (8, 0, 2, 8)),
+        ({"CPU": 2}, {"actors": 2, "cpus_per_actor": 0.75}, (2, 0, 1, 1)),
+        ({"CPU": 16, "GPU": 2}, {}, (2, 1, 8, 14)),  # GPU actors leave 14 cores to tokenize
+    ],
+)
+def test_layout_follows_the_cluster(cluster, encode, want):
+    job = resolve(_cfg(**encode), cluster=cluster)
+    assert (job.actors, job.gpus_per_actor, job.cpu_threads, job.prepare_tasks) == want
+
+
+def test_actors_must_be_positive():
+    with pytest.raises(ValueError, match="--actors must be >= 1"):
+        resolve(_cfg(actors=0), cluster={"CPU": 2})
