@@ -153,7 +153,8 @@ _LAYER_RENAMES = {  # transformers' name inside encoder.layer.N -> ours inside l
     "output.LayerNorm": "norm2",
 }
 _QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
-_IGNORED = ("pooler.", "embeddings.position_ids")  # the pooler head is unused by sentence embeddings
+# Heads sentence embeddings never use (pooler, masked-LM) and a non-parameter buffer some files carry.
+_IGNORED = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
 
 
 def _our_name(key: str) -> str | None:

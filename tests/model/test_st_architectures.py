@@ -91,4 +91,4 @@ def test_native_claims_only_what_it_reproduces(tmp_path):
     with pytest.raises(KeyError, match="unexpected checkpoint key"):
         _our_name("encoder.layer.0.attention.self.distance_embedding.weight")
     assert _our_name("bert.encoder.layer.3.output.LayerNorm.gamma") == "layers.3.norm2.weight"
-    assert _our_name("pooler.dense.weight") is None
+    assert _our_name("pooler.dense.weight") is None and _our_name("cls.predictions.bias") is None
