@@ -8,6 +8,9 @@ callable: `EmbedStage(spec)(table)` works without Ray, which is how it is unit-t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -57,6 +60,29 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
     except Exception:
         return "local"
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None  # glibc only
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`) after each call.
+
+    Every padded batch has its own shape, so a long-running CPU actor frees activations of ever new
+    sizes, and glibc kept them in its arenas: over 20 calls of 4,096 sentences (bf16) the actor's
+    private memory grew from 0.55 to 1.8 GB and was still growing. With the trim it levels off at
+    about 1 GB (what remains is oneDNN's bounded cache of per-shape kernels), at no measurable cost.
+    """
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def warmup_batch(encoder, window: int, task: int | None) -> tuple[list[np.ndarray], list[int | None]]:
@@ -109,6 +135,7 @@ class EmbedStage:
             numeric = pa.types.is_integer(batch[name].type) or pa.types.is_floating(batch[name].type)
             if name.startswith("_") and numeric and name != FIRST_CHUNK:
                 stats[name] = pc.sum(batch[name]).as_py() or 0
+        release_free_memory()
         n = out.num_rows
         for name, value in stats.items():
             col = np.zeros(n, dtype=np.float64 if isinstance(value, float) else np.int64)

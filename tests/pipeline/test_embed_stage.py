@@ -183,3 +183,13 @@ def test_each_window_gets_its_own_tokenizer_in_one_process(docs):
         prep, _ = _specs(ChunkingConfig(mode="none"), dims=(384,), dtype="float32", window=window)
         longest[window] = max(len(ids) for ids in prepare_batch(docs, prep)["_ids"].to_pylist())
     assert longest == {64: 64, 128: 128}
+
+
+def test_freed_memory_goes_back_to_the_os_on_glibc():
+    import platform
+
+    from pipeline.embed import _libc, release_free_memory
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _libc() is not None  # otherwise long CPU jobs grow without bound (see release_free_memory)
+    release_free_memory()
