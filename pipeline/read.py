@@ -45,12 +45,14 @@ def source_schema(source: SourceConfig, storage: StorageConfig) -> pa.Schema:
     return schema
 
 
-def read_source(source: SourceConfig, storage: StorageConfig, *, num_cpus: float) -> ray.data.Dataset:
+def read_source(
+    source: SourceConfig, storage: StorageConfig, *, num_cpus: float, concurrency: int | None = None
+) -> ray.data.Dataset:
     # Ray 2.60's Parquet datasource v2 adds a ListFiles task that always asks for a whole CPU: on a
     # small cluster it waits forever beside the encoder actors. The files are listed here anyway.
     ray.data.DataContext.get_current().use_datasource_v2 = False
     files = list_files(source, storage)
     ds = ray.data.read_parquet(
-        files, filesystem=storage.pyarrow_filesystem(source.input), num_cpus=num_cpus
+        files, filesystem=storage.pyarrow_filesystem(source.input), num_cpus=num_cpus, concurrency=concurrency
     )
     return ds.select_columns(source.columns)

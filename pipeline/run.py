@@ -136,13 +136,14 @@ def table_metadata(job: ResolvedJob) -> dict[str, str]:
 def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -> ray.data.Dataset:
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
-    ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS)
+    # Read and prepare share one task pool size, so Ray fuses them into one task per block.
+    ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS, concurrency=job.prepare_tasks)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
                        tokenizer_ref=ray.put(job.tokenizer))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
-                        concurrency=job.prepare_tasks)
+                        compute=ray.data.TaskPoolStrategy(size=job.prepare_tasks))
     spec = EmbedSpec(
         model=cfg.encode.model,
         task=job.task,
