@@ -78,7 +78,8 @@ def release_free_memory() -> None:
     Every padded batch has its own shape, so a long-running CPU actor frees activations of ever new
     sizes, and glibc kept them in its arenas: over 20 calls of 4,096 sentences (bf16) the actor's
     private memory grew from 0.55 to 1.8 GB and was still growing. With the trim it levels off at
-    about 1 GB (what remains is oneDNN's bounded cache of per-shape kernels), at no measurable cost.
+    about 1 GB (what remains is bounded, mostly oneDNN's cache of per-shape kernels), at no
+    measurable cost.
     """
     lib = _libc()
     if lib is not None:
