@@ -83,13 +83,13 @@ def machine_description() -> str:
     """CPU model, core count and whether it multiplies bf16 natively (which decides the CPU precision)."""
     import platform
 
-    from model.loading import BF16_CPU_FLAGS, cpu_has_native_bf16
+    from model.loading import BF16_CPU_FLAGS
 
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if cpu_has_native_bf16() else set()
+    name, cpuinfo = platform.processor() or platform.machine(), ""
+    with contextlib.suppress(OSError):
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), name)
+    flags = set(cpuinfo.split())
     native = ", ".join(f for f in BF16_CPU_FLAGS if f in flags) or "none"
     return f"{name}, {os.cpu_count()} cores, native bf16: {native}"
 

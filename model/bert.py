@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import AttentionFn
+from model.weights import read_safetensors
 
 NATIVE_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ACTIVATIONS = {  # transformers' ACT2FN names we reproduce exactly
@@ -178,18 +179,12 @@ def _our_name(key: str) -> str | None:
 
 def load_bert(path: str | Path, cfg: BertConfig, *, device: torch.device, dtype: torch.dtype) -> BertModel:
     """Build the model and copy every checkpoint tensor in by name; fail loudly on any mismatch."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        for key, tensor in load_file(str(f)).items():
-            name = _our_name(key)
-            if name is not None:
-                state[name] = tensor
+    for key, tensor in read_safetensors(path).items():
+        name = _our_name(key)
+        if name is not None:
+            state[name] = tensor
     for i in range(cfg.num_hidden_layers):
         for leaf in ("weight", "bias"):
             parts = [state.pop(f"layers.{i}.{m}.{leaf}", None) for m in _QKV]

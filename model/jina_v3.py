@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import AttentionFn
+from model.weights import read_safetensors
 
 # ((task index or None, start, stop), ...) along dim 0; None means base weights (no adapter).
 TaskRuns = tuple[tuple[int | None, int, int], ...]
@@ -295,16 +296,9 @@ def expected_key_count(cfg: JinaV3Config) -> int:
 
 def load_jina_v3(path: str | Path, *, device: torch.device, dtype: torch.dtype) -> JinaV3Model:
     """Build the model and copy every checkpoint tensor in by name; fail loudly on any mismatch."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg = JinaV3Config.from_dir(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = read_safetensors(path)
     if len(state) != expected_key_count(cfg):
         raise ValueError(f"{path}: {len(state)} checkpoint tensors, expected {expected_key_count(cfg)} (§2.3)")
 

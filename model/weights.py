@@ -1,0 +1,21 @@
+"""Checkpoint tensors from a model directory: safetensors only (pickle checkpoints can run code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every `*.safetensors` file in `path`, by checkpoint key."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
