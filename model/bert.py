@@ -84,14 +84,20 @@ def native_config(path: str | Path) -> BertConfig | None:
     )
 
 
+def _table(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialized: the checkpoint fills it. nn.Embedding's own normal_ init
+    on the meta device pulls in torch's Python decompositions, ~1 s of every encoder actor's start."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class Embeddings(nn.Module):
     """Word + absolute position + token type 0, then LayerNorm (single-segment inputs only)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = _table(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = _table(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = _table(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.position_offset = cfg.position_offset
 

@@ -69,6 +69,23 @@ def resolve_dtype(precision: Precision | torch.dtype | None, device: torch.devic
     return getattr(torch, precision)
 
 
+# Per-shape caches of the CPU kernels: oneDNN's primitive cache and ideep's LRU of prepared matmuls
+# (torch's bf16 CPU path goes through both), 1,024 entries each by default. Every padded batch has a
+# shape of its own, so a long CPU job fills both: measured in one process over calls of 4,096 STS
+# sentences (bf16), private memory grew from 0.41 to 0.91 GB before levelling off after ~45k
+# sentences. At 128 entries each it stays at 0.42 GB, at the same speed: a forward pass reuses each
+# of its few shapes in every layer, and that is all the caches need to hold.
+CPU_KERNEL_CACHE_ENTRIES = 128
+CPU_KERNEL_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def bound_cpu_kernel_caches() -> None:
+    """Cap the CPU kernel caches unless the user set them. Both libraries read their variable when
+    their cache is first used, so this must run before the process's first CPU matmul."""
+    for var in CPU_KERNEL_CACHE_VARS:
+        os.environ.setdefault(var, str(CPU_KERNEL_CACHE_ENTRIES))
+
+
 def detect_family(path: Path) -> Family:
     config = _read_json(path / "config.json")
     if "lora_adaptations" in config and config.get("position_embedding_type", "rotary") == "rotary":
@@ -200,6 +217,8 @@ def load_encoder(
     path = resolve_model_dir(ref, storage_options)
     family = detect_family(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        bound_cpu_kernel_caches()
     dtype = resolve_dtype(dtype, device)
     budget = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
     common = dict(device=device, dtype=dtype, max_batch_tokens=budget, revision=content_revision(path), name=model_name(path, family))

@@ -24,7 +24,7 @@ from model.loading import check_precision
 from pipeline.config import JobConfig
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
-from pipeline.read import read_source, source_schema
+from pipeline.read import list_files, read_source, source_schema
 from pipeline.report import build_report, save_report
 from pipeline.sink import LanceCommitter, build_vector_indexes, table_uri, write_dataset
 from pipeline.storage import StorageConfig
@@ -133,17 +133,20 @@ def table_metadata(job: ResolvedJob) -> dict[str, str]:
     }
 
 
-def build_dataset(job: ResolvedJob, *, schema_source: pa.Schema | None = None) -> ray.data.Dataset:
+def build_dataset(job: ResolvedJob, *, files: list[str] | None = None) -> ray.data.Dataset:
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
-    # Read and prepare share one task pool size, so Ray fuses them into one task per block.
-    ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS, concurrency=job.prepare_tasks)
+    files = files or list_files(cfg.source, job.storage)
+    # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
+    # never more read tasks than files.
+    tasks = min(job.prepare_tasks, len(files))
+    ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks, files=files)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
                        tokenizer_ref=ray.put(job.tokenizer))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
-                        compute=ray.data.TaskPoolStrategy(size=job.prepare_tasks))
+                        compute=ray.data.TaskPoolStrategy(size=tasks))
     spec = EmbedSpec(
         model=cfg.encode.model,
         task=job.task,
@@ -182,7 +185,8 @@ def run_job(cfg: JobConfig) -> dict:
     t0 = time.perf_counter()
     job = resolve(cfg)
     log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
-    source = source_schema(cfg.source, job.storage)
+    files = list_files(cfg.source, job.storage)
+    source = source_schema(cfg.source, job.storage, files=files)
     schema = output_schema(job, source)
     uri = table_uri(cfg.sink.db, cfg.sink.table)
     committer = LanceCommitter(
@@ -194,7 +198,7 @@ def run_job(cfg: JobConfig) -> dict:
         commit_every_s=cfg.sink.commit_every_s,
         metadata=table_metadata(job),
     )
-    summary = write_dataset(build_dataset(job), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    summary = write_dataset(build_dataset(job, files=files), committer, writer_num_cpus=LIGHT_TASK_CPUS)
     indexes = {}
     if cfg.sink.index:
         cols = [vector_column(d) for d in job.dims]

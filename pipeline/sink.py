@@ -459,17 +459,14 @@ def write_dataset(
             raise ValueError(f"write_dataset got a {name} different from the committer's")
 
     committer.begin()
+    writer = FragmentWriter(committer.uri, committer.schema, committer.storage_options, mode=committer.mode)
+    # Tasks, not actors: an actor is one more process to start beside the encoders while they load,
+    # and the writer keeps no state between batches. Task workers are pooled and reused.
     results = ds.map_batches(
-        FragmentWriter,
-        fn_constructor_kwargs={
-            "uri": committer.uri,
-            "schema": committer.schema,
-            "storage_options": committer.storage_options,
-            "mode": committer.mode,
-        },
+        writer,
         batch_format="pyarrow",
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=writer_concurrency),
+        compute=ray.data.TaskPoolStrategy(size=writer_concurrency),
         num_cpus=writer_num_cpus,
     )
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):

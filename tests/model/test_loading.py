@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -97,3 +98,14 @@ def test_loader_is_strict(tiny_jina_dir, tmp_path):
     (no_weights / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_encoder(str(no_weights), device="cpu")
+
+
+def test_cpu_kernel_caches_are_bounded_unless_the_user_set_them(monkeypatch):
+    from model.loading import CPU_KERNEL_CACHE_ENTRIES, CPU_KERNEL_CACHE_VARS
+
+    onednn, ideep = CPU_KERNEL_CACHE_VARS
+    monkeypatch.delenv(onednn, raising=False)
+    monkeypatch.setenv(ideep, "512")
+    load_encoder(str(minilm_dir()), device="cpu")
+    assert os.environ[onednn] == str(CPU_KERNEL_CACHE_ENTRIES)
+    assert os.environ[ideep] == "512"  # the user's choice stands
