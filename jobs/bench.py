@@ -354,7 +354,9 @@ def register_bench(subparsers) -> None:
                         "float32 and, where the CPU multiplies bf16 natively, bfloat16")
     p.add_argument("--actors", type=int, default=1, help="encoder actors in pipeline runs (default: 1)")
     p.add_argument("--pipeline-docs", type=int, default=20000, help="documents per mix in the pipeline section (default: 20000)")
-    p.add_argument("--scaling-base", type=int, default=5000, help="documents at 1x (default: 5000)")
+    p.add_argument("--scaling-base", type=int, default=20000,
+                   help="documents at 1x (default: 20000, so 16x is 320,000: a batch job's size, where the "
+                        "few seconds of start-up no longer dominate the 1x figure)")
     p.add_argument("--gpu-model", help="jina-embeddings-v3 directory for the GPU section")
     p.add_argument("--out", default="bench_results", help="output directory for results.json and results.md")
     p.set_defaults(func=cmd_bench)

@@ -1,8 +1,8 @@
 """The embed job end to end: read -> prepare -> embed -> write, streaming on Ray Data.
 
-read_parquet (shard-parallel) -> `prepare_batch` CPU tasks (tokenize, chunk, reject) -> `EmbedStage`
+`ParquetShards` read tasks fused with `prepare_batch` (tokenize, chunk, reject) -> `EmbedStage`
 actor pool (one per GPU, `num_gpus=1`; length-sorted token-budget batches inside each call) ->
-`FragmentWriter` actors (uncommitted Lance fragments) -> driver commits windows atomically.
+`FragmentWriter` tasks (uncommitted Lance fragments) -> driver commits windows atomically.
 Every stage is sized to leave CPUs free for the others (an actor pool holding all CPUs deadlocks
 reads and writes: ray-lance spec §0.7).
 """

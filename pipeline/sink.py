@@ -434,7 +434,7 @@ def write_dataset(
     writer_num_cpus: float = 0.5,
     batch_size: int | None = None,
 ) -> CommitSummary:
-    """Write `ds` through `FragmentWriter` actors and commit on the driver; returns the summary.
+    """Write `ds` through `FragmentWriter` tasks and commit on the driver; returns the summary.
 
     `schema`, `uri` and `storage_options` default to the committer's (passing different ones is an
     error). `batch_size` is the rows per writer call, i.e. per fragment (None = one call per block);

@@ -2,7 +2,7 @@
 
 Three libraries touch storage in this pipeline and each wants the same facts spelled differently:
 Lance/LanceDB take a flat `storage_options` dict (keys like `endpoint`, `access_key_id`; spec §2.5),
-s3fs takes `endpoint_url`/`key`/`secret`, and `ray.data.read_parquet` takes a pyarrow filesystem.
+s3fs (the read stage, model copies) takes `endpoint_url`/`key`/`secret`, pyarrow wants a filesystem object.
 `StorageConfig` keeps one dict in Lance's naming and derives the other two from it.
 
 Nothing is read at import time: `StorageConfig.from_env()` reads the environment when called, on the
@@ -136,7 +136,7 @@ class StorageConfig:
         return kwargs
 
     def pyarrow_filesystem(self, url: str) -> pyarrow.fs.FileSystem | None:
-        """A pyarrow filesystem for `ray.data.read_parquet(filesystem=...)`; None for local paths.
+        """A pyarrow filesystem (for `pq.write_table(filesystem=...)` and the like); None for local paths.
 
         Remote URLs get `PyFileSystem(FSSpecHandler(...))` over `fsspec_filesystem(url)`, so read and
         write sides share one credential mapping.
