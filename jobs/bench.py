@@ -6,6 +6,7 @@ Each figure is repeated (`--repeats`), reported as median and spread (min..max),
   padding   real/computed tokens of our batching vs fixed-count batches in input order
   pipeline  end-to-end `embed` (Parquet in, LanceDB out, local Ray) vs the bare encoder, same texts
   scaling   corpus 1x, 4x, 16x: seconds per 1,000 documents, peak RSS of driver and Ray workers
+  memory    an encoder actor's private memory over many calls (no Ray): after each call and peak
   gpu       jina-v3 tokens/s and MFU at 512 and 8192 tokens (CUDA only; skipped otherwise)
 
   embedlake bench --sections encoder,padding,pipeline,scaling --out docs/bench
@@ -295,6 +296,50 @@ def bench_scaling(model: str, base: int, actors: int, precision: str) -> list[di
     return rows
 
 
+def _private_mb() -> float:
+    """This process's private resident memory (RssAnon): heap and caches, not mapped files."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_memory(model: str, calls: int, precision: str) -> list[dict]:
+    """What an encoder actor's memory does over a long job, without Ray: calls of 4,096 random STS
+    sentences (each call a new mix of batch shapes) with the actor's `malloc_trim` after each; private
+    memory after every call and its peak within the call. Run with ONEDNN_PRIMITIVE_CACHE_CAPACITY /
+    LRU_CACHE_CAPACITY set to compare cache sizes (they must be set before the process starts)."""
+    import random
+
+    from model import load_encoder
+    from model.loading import CPU_KERNEL_CACHE_VARS
+    from pipeline.embed import release_free_memory
+
+    enc = load_encoder(model, device="cpu", dtype=precision)
+    caches = {v: os.environ.get(v, "") for v in CPU_KERNEL_CACHE_VARS}
+    sentences, rng = _sts_sentences(), random.Random(0)
+    peak, stop = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _private_mb())
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rows = []
+    for call in range(1, calls + 1):
+        texts = rng.choices(sentences, k=4096)
+        peak[0] = 0.0
+        seconds = timed(enc.encode, texts)
+        release_free_memory()
+        rows.append({"call": call, "precision": enc.precision, "private_after_mb": round(_private_mb()),
+                     "peak_in_call_mb": round(peak[0]), "seconds": round(seconds, 2), **caches})
+    stop.set()
+    sampler.join()
+    return rows
+
+
 def bench_gpu(model: str | None, repeats: int) -> list[dict]:
     import torch
 
@@ -357,6 +402,7 @@ def register_bench(subparsers) -> None:
     p.add_argument("--scaling-base", type=int, default=20000,
                    help="documents at 1x (default: 20000, so 16x is 320,000: a batch job's size, where the "
                         "few seconds of start-up no longer dominate the 1x figure)")
+    p.add_argument("--memory-calls", type=int, default=16, help="encoder calls in the memory section (default: 16)")
     p.add_argument("--gpu-model", help="jina-embeddings-v3 directory for the GPU section")
     p.add_argument("--out", default="bench_results", help="output directory for results.json and results.md")
     p.set_defaults(func=cmd_bench)
@@ -374,6 +420,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "padding": lambda: bench_padding(model, args.texts),
         "pipeline": lambda: bench_pipeline(model, args.pipeline_docs, args.repeats, args.actors, args.precision),
         "scaling": lambda: bench_scaling(model, args.scaling_base, args.actors, args.precision),
+        "memory": lambda: bench_memory(model, args.memory_calls, args.precision),
         "gpu": lambda: bench_gpu(args.gpu_model, args.repeats),
     }
     unknown = [s for s in sections if s not in runners]
