@@ -102,21 +102,22 @@ def git_revision() -> str:
         return "unknown"
 
 
+def _status_mb(pid: str, field: str) -> float:
+    """A memory field of /proc/<pid>/status in MB (VmHWM: peak resident; RssAnon: private), 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 class PeakRSS:
     """Peak resident memory (VmHWM) of this process and of every Ray worker process, sampled."""
 
     def __init__(self, interval: float = 0.25):
         self.interval, self.workers, self._stop = interval, {}, threading.Event()
-
-    @staticmethod
-    def _hwm_mb(pid: str) -> float:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return 0.0
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -126,7 +127,7 @@ class PeakRSS:
                 except OSError:
                     continue
                 if cmd.startswith(b"ray::") and b"IDLE" not in cmd[:12]:
-                    self.workers[pid] = max(self.workers.get(pid, 0.0), self._hwm_mb(pid))
+                    self.workers[pid] = max(self.workers.get(pid, 0.0), _status_mb(pid, "VmHWM"))
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -140,7 +141,7 @@ class PeakRSS:
 
     @property
     def driver_mb(self) -> float:
-        return self._hwm_mb(str(os.getpid()))
+        return _status_mb("self", "VmHWM")
 
     @property
     def worker_max_mb(self) -> float:
@@ -296,14 +297,6 @@ def bench_scaling(model: str, base: int, actors: int, precision: str) -> list[di
     return rows
 
 
-def _private_mb() -> float:
-    """This process's private resident memory (RssAnon): heap and caches, not mapped files."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def bench_memory(model: str, calls: int, precision: str) -> list[dict]:
     """What an encoder actor's memory does over a long job, without Ray: calls of 4,096 random STS
     sentences (each call a new mix of batch shapes) with the actor's `malloc_trim` after each; private
@@ -322,7 +315,7 @@ def bench_memory(model: str, calls: int, precision: str) -> list[dict]:
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _private_mb())
+            peak[0] = max(peak[0], _status_mb("self", "RssAnon"))
             stop.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -333,7 +326,7 @@ def bench_memory(model: str, calls: int, precision: str) -> list[dict]:
         peak[0] = 0.0
         seconds = timed(enc.encode, texts)
         release_free_memory()
-        rows.append({"call": call, "precision": enc.precision, "private_after_mb": round(_private_mb()),
+        rows.append({"call": call, "precision": enc.precision, "private_after_mb": round(_status_mb("self", "RssAnon")),
                      "peak_in_call_mb": round(peak[0]), "seconds": round(seconds, 2), **caches})
     stop.set()
     sampler.join()
