@@ -38,9 +38,9 @@ def list_files(source: SourceConfig, storage: StorageConfig) -> list[str]:
     return files
 
 
-def source_schema(source: SourceConfig, storage: StorageConfig, *, files: list[str] | None = None) -> pa.Schema:
-    """The schema of the first shard, checked for the columns the job needs."""
-    first = (files or list_files(source, storage))[0]
+def source_schema(source: SourceConfig, storage: StorageConfig, files: list[str]) -> pa.Schema:
+    """The schema of the first of `files` (from `list_files`), checked for the columns the job needs."""
+    first = files[0]
     fs = storage.fsspec_filesystem(first)
     with fs.open(url_path(first), "rb") as fh:
         schema = pq.read_schema(fh)
@@ -92,11 +92,9 @@ def _read_files(files: list[str], columns: list[str], storage: StorageConfig) ->
 
 
 def read_source(
-    source: SourceConfig, storage: StorageConfig, *, num_cpus: float, concurrency: int | None = None,
-    files: list[str] | None = None,
+    source: SourceConfig, storage: StorageConfig, files: list[str], *, num_cpus: float, concurrency: int | None = None
 ) -> ray.data.Dataset:
-    """The source's id/text/title/kept columns as a Dataset; `files` skips listing them again."""
-    files = files or list_files(source, storage)
+    """The source's id/text/title/kept columns of `files` (from `list_files`) as a Dataset."""
     shards = ParquetShards(files, source.columns, storage)
     # One read task per file, its blocks as they come: Ray would otherwise split them into ~200
     # blocks to reach its default parallelism, each a task of its own downstream.

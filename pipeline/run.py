@@ -133,14 +133,13 @@ def table_metadata(job: ResolvedJob) -> dict[str, str]:
     }
 
 
-def build_dataset(job: ResolvedJob, *, files: list[str] | None = None) -> ray.data.Dataset:
+def build_dataset(job: ResolvedJob, files: list[str]) -> ray.data.Dataset:
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
-    files = files or list_files(cfg.source, job.storage)
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
     # never more read tasks than files.
     tasks = min(job.prepare_tasks, len(files))
-    ds = read_source(cfg.source, job.storage, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks, files=files)
+    ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
@@ -186,7 +185,7 @@ def run_job(cfg: JobConfig) -> dict:
     job = resolve(cfg)
     log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
     files = list_files(cfg.source, job.storage)
-    source = source_schema(cfg.source, job.storage, files=files)
+    source = source_schema(cfg.source, job.storage, files)
     schema = output_schema(job, source)
     uri = table_uri(cfg.sink.db, cfg.sink.table)
     committer = LanceCommitter(
@@ -198,7 +197,7 @@ def run_job(cfg: JobConfig) -> dict:
         commit_every_s=cfg.sink.commit_every_s,
         metadata=table_metadata(job),
     )
-    summary = write_dataset(build_dataset(job, files=files), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    summary = write_dataset(build_dataset(job, files), committer, writer_num_cpus=LIGHT_TASK_CPUS)
     indexes = {}
     if cfg.sink.index:
         cols = [vector_column(d) for d in job.dims]

@@ -20,7 +20,8 @@ def _shard(path, start: int, rows: int, row_group: int) -> None:
 def test_every_row_group_of_every_file_is_read_with_only_the_job_columns(tmp_path, ray_up):
     _shard(tmp_path / "a.parquet", 0, 25, row_group=10)  # 3 row groups
     _shard(tmp_path / "b.parquet", 25, 7, row_group=100)
-    ds = read.read_source(SourceConfig(input=str(tmp_path)), StorageConfig(), num_cpus=0.25, concurrency=2)
+    source, storage = SourceConfig(input=str(tmp_path)), StorageConfig()
+    ds = read.read_source(source, storage, read.list_files(source, storage), num_cpus=0.25, concurrency=2)
     table = pa.concat_tables(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     assert table.column_names == ["id", "text"]
     assert sorted(table["id"].to_pylist(), key=lambda s: int(s[1:])) == [f"d{i}" for i in range(32)]

@@ -107,11 +107,12 @@ def test_s3_filesystems_from_env_reach_moto(s3_env):
 
 def test_read_stage_reads_shards_from_s3(s3_env, ray_local):
     from pipeline.config import SourceConfig
-    from pipeline.read import read_source
+    from pipeline.read import list_files, read_source
 
     cfg = StorageConfig.from_env()
     url = s3_env.url("storage-ray", "part-0.parquet")
     table = pa.table({"id": [str(i) for i in range(50)], "text": [f"t{i}" for i in range(50)]})
     pq.write_table(table, url.removeprefix("s3://"), filesystem=cfg.pyarrow_filesystem(url), row_group_size=20)
-    ds = read_source(SourceConfig(input=s3_env.url("storage-ray")), cfg, num_cpus=0.25)
+    source = SourceConfig(input=s3_env.url("storage-ray"))
+    ds = read_source(source, cfg, list_files(source, cfg), num_cpus=0.25)
     assert sorted(int(r["id"]) for r in ds.take_all()) == list(range(50))
