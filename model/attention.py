@@ -1,6 +1,7 @@
 """Attention kernels for the two layouts. Models call these and never branch on the device.
 
-- padded: torch SDPA with a key-padding mask (CPU path, and GPU without flash-attn)
+- padded: torch SDPA with a key-padding mask (CPU path, and GPU without flash-attn); short bf16
+  sequences on CPU take two batched matmuls instead (`short_bf16_attention`)
 - varlen: flash-attn `flash_attn_varlen_func` on packed tokens (GPU, bf16/fp16)
 - varlen_reference: a CPU stand-in for the varlen kernel (SDPA per sequence), so everything on the
   packed path except the flash kernel call itself runs and is tested without a GPU.
@@ -18,6 +19,12 @@ import torch.nn.functional as F
 # q, k, v -> out; shapes (..., H, D) in the layout's leading dims.
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 AttentionImpl = Literal["padded", "varlen", "varlen_reference"]
+
+# Up to this padded length, bf16 attention on CPU runs as two batched matmuls with an fp32 softmax.
+# SDPA's CPU flash kernel pays per (row, head) block; at L <= 64 that was 20% of MiniLM's forward on
+# sentences (torch.profiler), and the matmul form made the whole encoder 7-10% faster (BENCHMARKS.md,
+# machine D). Its cosine to fp32 equals SDPA's. Longer rows, fp32 and CUDA keep SDPA.
+SHORT_BF16_MAX_LEN = 64
 
 
 @functools.cache
@@ -44,15 +51,31 @@ def packed_kernel(impl: AttentionImpl) -> Callable[[torch.Tensor, int], Attentio
 
 
 def padded(attention_mask: torch.Tensor) -> AttentionFn:
-    """Bidirectional SDPA over (B, L, H, D) with padded keys masked out."""
+    """Bidirectional attention over (B, L, H, D) with padded keys masked out."""
     key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, L), True = attend
+    short_cpu = attention_mask.device.type == "cpu" and attention_mask.shape[1] <= SHORT_BF16_MAX_LEN
+    # Length-sorted batches of short texts are often all one length: then nothing needs masking.
+    short_mask = key_mask if short_cpu and not bool(attention_mask.all()) else None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        if short_cpu and q.dtype == torch.bfloat16:
+            out = short_bf16_attention(q, k, v, short_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return out.transpose(1, 2)  # (B, L, H, D)
 
     return attend
+
+
+def short_bf16_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over (B, H, L, D): bf16 matmuls, scores scaled and normalized in fp32."""
+    scores = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    if key_mask is not None:
+        scores.masked_fill_(~key_mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 def varlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> AttentionFn:
