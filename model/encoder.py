@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ class EncodeStats:
     real_tokens: int = 0
     computed_tokens: int = 0
     batches: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # forward time summed over batches (concurrent CPU streams overlap)
 
     @property
     def padding_efficiency(self) -> float:
@@ -70,12 +71,17 @@ class Encoder(ABC):
         device: torch.device,
         dtype: torch.dtype,
         max_batch_tokens: int,
+        cpu_streams: int = 1,
     ):
         self.info = info
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
+        if cpu_streams < 1:
+            raise ValueError(f"cpu_streams must be >= 1, got {cpu_streams}")
+        self.cpu_streams = cpu_streams if device.type == "cpu" else 1
+        self._stream_pool: ThreadPoolExecutor | None = None
         self.stats = EncodeStats()
 
     # -- what a family implements --------------------------------------------------------------
@@ -241,24 +247,65 @@ class Encoder(ABC):
         return token_budget_batches(lengths, max(self.max_batch_tokens, 1), padded=False)
 
     def _run(self, seqs: list[np.ndarray], tasks: list[int | None]):
-        """Yield (indices, packed states, offsets) per token-budget batch; equal tasks contiguous."""
+        """Yield (indices, packed states, offsets) per token-budget batch, in completion order; equal
+        tasks contiguous within a batch."""
         lengths = [len(s) for s in seqs]
-        for batch in token_budget_batches(
-            lengths, self.max_batch_tokens, padded=not self.packed, min_fill=PADDED_MIN_FILL
-        ):
+        batches = token_budget_batches(lengths, self.max_batch_tokens, padded=not self.packed, min_fill=PADDED_MIN_FILL)
+        for batch in batches:
             batch.sort(key=lambda i: -1 if tasks[i] is None else tasks[i])  # stable: length order kept
-            t0 = time.perf_counter()
-            states = self._forward([seqs[i] for i in batch], [tasks[i] for i in batch])
+        for batch, states, seconds in self._forward_batches(seqs, tasks, batches):
             lens = [lengths[i] for i in batch]
             offsets = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device=states.device)
             if states.shape[0] != offsets[-1]:
                 raise AssertionError("forward returned a wrong number of token states: this is a bug")
             yield batch, states, offsets
-            self.stats.seconds += time.perf_counter() - t0
+            self.stats.seconds += seconds
             self.stats.sequences += len(batch)
             self.stats.real_tokens += sum(lens)
             self.stats.computed_tokens += batch_cost(lens, padded=not self.packed)
             self.stats.batches += 1
+
+    def _forward_batch(
+        self, seqs: list[np.ndarray], tasks: list[int | None], batch: list[int]
+    ) -> tuple[list[int], torch.Tensor, float]:
+        with torch.inference_mode():  # grad mode is per thread: stream threads need it set too
+            t0 = time.perf_counter()
+            states = self._forward([seqs[i] for i in batch], [tasks[i] for i in batch])
+            return batch, states, time.perf_counter() - t0
+
+    def _forward_batches(
+        self, seqs: list[np.ndarray], tasks: list[int | None], batches: list[list[int]]
+    ) -> Iterator[tuple[list[int], torch.Tensor, float]]:
+        """Forward every batch. On CPU with `cpu_streams` > 1, that many batches run at once, each
+        single-threaded, sharing the weights.
+
+        Why: a forward split over 2 OpenMP threads waits at every op's barrier for the slower thread,
+        so any other process on the node (a Ray worker, the driver) stalls both cores. On 2 cores,
+        two single-threaded batch streams encoded 10-20% more tokens/s than one 2-thread forward, and
+        held that under a background load that cost the 2-thread forward 17% (BENCHMARKS.md, machine
+        D). A lone batch keeps the caller's threads.
+        """
+        if self.cpu_streams < 2 or len(batches) < 2:
+            for batch in batches:
+                yield self._forward_batch(seqs, tasks, batch)
+            return
+        if self._stream_pool is None:  # threads are per encoder and set to one intra-op thread each
+            self._stream_pool = ThreadPoolExecutor(
+                self.cpu_streams, thread_name_prefix="encoder-stream", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        queued = iter(batches)
+        running: set[Future] = set()
+        for batch in queued:
+            running.add(self._stream_pool.submit(self._forward_batch, seqs, tasks, batch))
+            if len(running) == self.cpu_streams:
+                break
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                nxt = next(queued, None)
+                if nxt is not None:
+                    running.add(self._stream_pool.submit(self._forward_batch, seqs, tasks, nxt))
+                yield future.result()
 
 
 def _as_list(texts: Sequence[str]) -> list[str]:

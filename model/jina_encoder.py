@@ -51,10 +51,12 @@ class JinaV3Encoder(Encoder):
         *,
         max_batch_tokens: int,
         attention_impl: AttentionImpl | None = None,
+        cpu_streams: int = 1,
     ):
         param = next(model.parameters())
         super().__init__(
-            info=info, tokenizer=tokenizer, device=param.device, dtype=param.dtype, max_batch_tokens=max_batch_tokens
+            info=info, tokenizer=tokenizer, device=param.device, dtype=param.dtype, max_batch_tokens=max_batch_tokens,
+            cpu_streams=cpu_streams,
         )
         self.model = model
         self.attention_impl = attention_impl or attention.default_impl(param.device, param.dtype)
@@ -71,10 +73,12 @@ class JinaV3Encoder(Encoder):
         revision: str,
         name: str,
         attention_impl: AttentionImpl | None = None,
+        cpu_streams: int = 1,
     ) -> JinaV3Encoder:
         tokenizer, info = describe_jina_v3(path, revision=revision, name=name)
         model = load_jina_v3(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, info, max_batch_tokens=max_batch_tokens, attention_impl=attention_impl)
+        return cls(model, tokenizer, info, max_batch_tokens=max_batch_tokens, attention_impl=attention_impl,
+                   cpu_streams=cpu_streams)
 
     @property
     def packed(self) -> bool:

@@ -202,6 +202,13 @@ def describe_model(
     return ModelDescription(path, family, tokenizer, info)
 
 
+@functools.cache
+def per_thread_intra_op() -> bool:
+    """True where `torch.set_num_threads` in a thread sets that thread's count only: ATen's OpenMP
+    backend (an OpenMP ICV is per thread). CPU streams rely on it to leave the caller's threads alone."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def load_encoder(
     ref: str | os.PathLike,
     *,
@@ -209,10 +216,13 @@ def load_encoder(
     dtype: Precision | torch.dtype | None = None,
     max_batch_tokens: int | None = None,
     storage_options: dict | None = None,
+    cpu_streams: int | None = None,
 ) -> Encoder:
     """Load an encoder on CUDA when a GPU is present, else CPU; dtype per `resolve_dtype` ("auto").
 
-    Pass dtype="float32" for reference-exact vectors on any hardware.
+    Pass dtype="float32" for reference-exact vectors on any hardware. On CPU, `cpu_streams` batches
+    run at once, one thread each (default: the caller's torch thread count; 1 = one batch at a time
+    on all of them). See `Encoder._forward_batches`.
     """
     path = resolve_model_dir(ref, storage_options)
     family = detect_family(path)
@@ -221,7 +231,10 @@ def load_encoder(
         bound_cpu_kernel_caches()
     dtype = resolve_dtype(dtype, device)
     budget = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
-    common = dict(device=device, dtype=dtype, max_batch_tokens=budget, revision=content_revision(path), name=model_name(path, family))
+    if cpu_streams is None:
+        cpu_streams = torch.get_num_threads() if device.type == "cpu" and per_thread_intra_op() else 1
+    common = dict(device=device, dtype=dtype, max_batch_tokens=budget, revision=content_revision(path),
+                  name=model_name(path, family), cpu_streams=cpu_streams)
     if family == "jina-v3":
         from model.jina_encoder import JinaV3Encoder
 

@@ -112,6 +112,7 @@ class SentenceTransformerEncoder(Encoder):
         revision: str,
         name: str,
         attention_impl: AttentionImpl | None = None,
+        cpu_streams: int = 1,
     ):
         path = Path(path)
         tdir, self.pooling_modes, self.declares_normalize = read_modules(path)
@@ -129,7 +130,9 @@ class SentenceTransformerEncoder(Encoder):
             self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
             self.attention_impl = "padded"
         self.native = native is not None
-        super().__init__(info=info, tokenizer=tokenizer, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
+        super().__init__(
+            info=info, tokenizer=tokenizer, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, cpu_streams=cpu_streams
+        )
 
     @property
     def packed(self) -> bool:
