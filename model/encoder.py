@@ -10,6 +10,7 @@ beyond those two methods.
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,13 @@ TaskArg = str | None | Sequence[str | None]
 
 # Padded backends close a batch before its real/computed token ratio drops below this.
 PADDED_MIN_FILL = 0.97
+
+
+@functools.cache
+def per_thread_intra_op() -> bool:
+    """True where `torch.set_num_threads` in a thread sets that thread's count only: ATen's OpenMP
+    backend (an OpenMP ICV is per thread). CPU streams rely on it to leave the caller's threads alone."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class Encoder(ABC):
         self.max_batch_tokens = max_batch_tokens
         if cpu_streams < 1:
             raise ValueError(f"cpu_streams must be >= 1, got {cpu_streams}")
+        if cpu_streams > 1 and device.type == "cpu" and not per_thread_intra_op():
+            raise ValueError("cpu_streams > 1 needs torch's OpenMP parallel backend (per-thread thread counts)")
         self.cpu_streams = cpu_streams if device.type == "cpu" else 1
         self._stream_pool: ThreadPoolExecutor | None = None
         self.stats = EncodeStats()

@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 import torch
 
-from model.encoder import Encoder, EncoderInfo
+from model.encoder import Encoder, EncoderInfo, per_thread_intra_op
 from model.tokenization import TextTokenizer
 
 Family = Literal["jina-v3", "sentence-transformers"]
@@ -200,13 +200,6 @@ def describe_model(
 
         tokenizer, info = describe_sentence_transformer(path, **ident)
     return ModelDescription(path, family, tokenizer, info)
-
-
-@functools.cache
-def per_thread_intra_op() -> bool:
-    """True where `torch.set_num_threads` in a thread sets that thread's count only: ATen's OpenMP
-    backend (an OpenMP ICV is per thread). CPU streams rely on it to leave the caller's threads alone."""
-    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def load_encoder(
