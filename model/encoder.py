@@ -11,6 +11,7 @@ beyond those two methods.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -290,10 +291,10 @@ class Encoder(ABC):
         single-threaded, sharing the weights.
 
         Why: a forward split over 2 OpenMP threads waits at every op's barrier for the slower thread,
-        so any other process on the node (a Ray worker, the driver) stalls both cores. On 2 cores,
-        two single-threaded batch streams encoded 10-20% more tokens/s than one 2-thread forward, and
-        held that under a background load that cost the 2-thread forward 17% (BENCHMARKS.md, machine
-        D). A lone batch keeps the caller's threads.
+        so any other process on the node (a Ray worker, the driver) stalls both cores. On 2 cores, a
+        process busy 15% of one core cost the 2-thread forward 17%; two streams matched it on a quiet
+        machine and were 7% faster beside that load, and 20k-document pipeline jobs ran 15% faster
+        (BENCHMARKS.md, machine D). A lone batch keeps the caller's threads.
         """
         if self.cpu_streams < 2 or len(batches) < 2:
             for batch in batches:
@@ -304,11 +305,10 @@ class Encoder(ABC):
                 self.cpu_streams, thread_name_prefix="encoder-stream", initializer=torch.set_num_threads, initargs=(1,)
             )
         queued = iter(batches)
-        running: set[Future] = set()
-        for batch in queued:
-            running.add(self._stream_pool.submit(self._forward_batch, seqs, tasks, batch))
-            if len(running) == self.cpu_streams:
-                break
+        running: set[Future] = {
+            self._stream_pool.submit(self._forward_batch, seqs, tasks, batch)
+            for batch in itertools.islice(queued, self.cpu_streams)
+        }
         while running:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
