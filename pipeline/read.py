@@ -44,10 +44,15 @@ def source_schema(source: SourceConfig, storage: StorageConfig, files: list[str]
     fs = storage.fsspec_filesystem(first)
     with fs.open(url_path(first), "rb") as fh:
         schema = pq.read_schema(fh)
-    missing = [c for c in source.columns if c not in schema.names]
-    if missing:
-        raise ValueError(f"input {source.input} lacks columns {missing}; it has {schema.names}")
+    check_columns(f"input {source.input}", schema, source.columns)
     return schema
+
+
+def check_columns(where: str, schema: pa.Schema, columns: list[str] | tuple[str, ...]) -> None:
+    """Fail with the names a file lacks and the ones it has: a shard without the job's columns."""
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ValueError(f"{where} lacks columns {missing}; it has {schema.names}")
 
 
 class ParquetShards(Datasource):
@@ -81,9 +86,7 @@ def _read_files(files: list[str], columns: list[str], storage: StorageConfig) ->
     for f in files:
         with fs.open(url_path(f), "rb") as fh:
             pf = pq.ParquetFile(fh)
-            missing = [c for c in columns if c not in pf.schema_arrow.names]
-            if missing:
-                raise ValueError(f"{f} lacks columns {missing}; it has {pf.schema_arrow.names}")
+            check_columns(f, pf.schema_arrow, columns)
             for g in range(pf.num_row_groups):
                 meta = pf.metadata.row_group(g)
                 rows = max(1, int(meta.num_rows * BLOCK_BYTES / max(meta.total_byte_size, 1)))
