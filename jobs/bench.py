@@ -7,7 +7,8 @@ Each figure is repeated (`--repeats`), reported as median and spread (min..max),
   pipeline  end-to-end `embed` (Parquet in, LanceDB out, local Ray) vs the bare encoder, same texts
   scaling   corpus 1x, 4x, 16x: seconds per 1,000 documents, peak RSS of driver and Ray workers
   memory    an encoder actor's private memory over many calls (no Ray): after each call and peak
-  gpu       jina-v3 tokens/s and MFU at 512 and 8192 tokens (CUDA only; skipped otherwise)
+  gpu       jina-v3 tokens/s and MFU at 512 and 8192 tokens, whole inputs, late and naive chunking
+            (CUDA only; skipped otherwise)
 
   embedlake bench --sections encoder,padding,pipeline,scaling --out docs/bench
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,12 +34,13 @@ import numpy as np
 
 from jobs.eval import shared_data
 from pipeline.config import PRECISIONS
-from pipeline.evaluation import load_sts_pairs
 
 # -- real text at three length mixes --------------------------------------------------------------
 
 
 def _sts_sentences() -> list[str]:
+    from pipeline.evaluation import load_sts_pairs  # imports LanceDB: not needed by the gpu section
+
     left, right, _ = load_sts_pairs(shared_data() / "stsbenchmark" / "sts-test.csv")
     return list(dict.fromkeys(s for pair in zip(left, right, strict=True) for s in pair))
 
@@ -333,32 +337,69 @@ def bench_memory(model: str, calls: int, precision: str) -> list[dict]:
     return rows
 
 
-def bench_gpu(model: str | None, repeats: int) -> list[dict]:
+def bench_gpu(
+    model: str | None,
+    repeats: int,
+    *,
+    device: str | None = None,
+    lengths: tuple[int, ...] = (512, 8192),
+    chunk: int = 512,
+    tokens_per_call: int = 262144,
+) -> list[dict]:
+    """jina-v3 tokens/s and model FLOP utilization, bf16, packed varlen attention (CUDA by default).
+
+    Per input length three ways of embedding the same tokens: `whole` (one vector per input);
+    `late` (the same forward, then one mean per `chunk`-token span: late chunking); `naive` (each
+    `chunk`-token piece its own input). MFU counts the model FLOPs each row computes (performance
+    spec: 24 d^2 + 4 L d per token and layer, at the attention length L the row runs) against
+    EMBEDLAKE_PEAK_TFLOPS (default 989, H100/H200 dense bf16). Token ids are random: speed does not
+    depend on the text, so a random checkpoint of the published shape measures the same as the real one.
+    `device="cpu"` runs the same rows on CPU (how the tests check this code without a GPU).
+    """
     import torch
 
-    if not torch.cuda.is_available():
+    if device is None and not torch.cuda.is_available():
         return [{"skipped": "no CUDA device"}]
     if model is None:
         return [{"skipped": "pass --gpu-model (a jina-embeddings-v3 directory)"}]
     from model import load_encoder
+    from model.attention import kernel_name
     from model.jina_v3 import flops_per_token
 
-    enc = load_encoder(model)
-    peak = float(os.environ.get("EMBEDLAKE_PEAK_TFLOPS", 989.0)) * 1e12  # H100/H200 dense bf16
+    dev = torch.device(device or "cuda")
+    enc = load_encoder(model, device=dev)
+    if enc.info.family != "jina-v3":
+        raise ValueError(f"the gpu section measures jina-embeddings-v3; {model} is {enc.info.family}")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    peak = float(os.environ.get("EMBEDLAKE_PEAK_TFLOPS", 989.0)) * 1e12
+    task = enc.resolve_tasks("retrieval.passage", 1)[0][0]
     rng = np.random.default_rng(0)
     rows = []
-    for length in (512, 8192):
-        docs = max(8, 262144 // length)
-        seqs = [rng.integers(5, 1000, length) for _ in range(docs)]
-        enc.embed_ids(seqs[:2], [1, 1])
-        torch.cuda.synchronize()
-        rates = []
-        for _ in range(repeats):
-            dt = timed(enc.embed_ids, seqs, [1] * docs)
-            torch.cuda.synchronize()  # embed_ids copies vectors to the host, so this is a formality
-            rates.append(docs * length / dt)
-        mfu = [r * flops_per_token(enc.model.cfg, length) / peak for r in rates]
-        rows.append({"length": length, "tok_s": summarize(rates), "mfu": summarize(mfu), "attention": enc.attention_impl})
+    for length in lengths:
+        docs = max(8, tokens_per_call // length)
+        seqs = [rng.integers(5, enc.model.cfg.vocab_size, length) for _ in range(docs)]
+        spans = np.array([(s, min(s + chunk, length)) for s in range(0, length, chunk)], dtype=np.int64)
+        pieces = [seq[s:e] for seq in seqs for s, e in spans]
+        ways: dict[str, tuple[Callable[[], object], int]] = {  # way -> (call, attention length)
+            "whole": (functools.partial(enc.embed_ids, seqs, [task] * docs), length),
+        }
+        if length > chunk:
+            ways["late"] = (functools.partial(enc.embed_id_spans, seqs, [spans] * docs, [task] * docs, window=length),
+                            length)
+            ways["naive"] = (functools.partial(enc.embed_ids, pieces, [task] * len(pieces)), chunk)
+        for way, (call, attn_len) in ways.items():
+            call()  # warm-up: kernels, allocator, autotuning
+            sync()
+            rates = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                call()
+                sync()
+                rates.append(docs * length / (time.perf_counter() - t))
+            mfu_pct = [100 * r * flops_per_token(enc.model.cfg, attn_len) / peak for r in rates]
+            rows.append({"length": length, "way": way, "vectors_per_input": len(spans) if way != "whole" else 1,
+                         "tok_s": summarize(rates), "mfu_pct": summarize(mfu_pct), "precision": enc.precision,
+                         "attention": kernel_name(enc.attention_impl), "device": str(dev)})
     return rows
 
 
@@ -431,3 +472,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     (out / "results.md").write_text(to_markdown(results))
     print(to_markdown(results))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.bench ...`: the bench alone. Its gpu section imports only torch, numpy and
+    tokenizers, so it runs on a GPU host without Ray or LanceDB (infra/gpu-check.sh)."""
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench")
+    register_bench(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,16 +1,19 @@
 """Attention kernels for the two layouts. Models call these and never branch on the device.
 
-- padded: torch SDPA with a key-padding mask (CPU path, and GPU without flash-attn); short bf16
-  sequences on CPU take two batched matmuls instead (`short_bf16_attention`)
-- varlen: flash-attn `flash_attn_varlen_func` on packed tokens (GPU, bf16/fp16)
+- padded: torch SDPA with a key-padding mask (CPU path, and GPU without a varlen kernel); short
+  bf16 sequences on CPU take two batched matmuls instead (`short_bf16_attention`)
+- varlen: a FlashAttention varlen kernel on packed tokens (GPU, bf16/fp16): flash-attn's
+  `flash_attn_varlen_func`, or where flash-attn is not installed torch's own
+  `torch.nn.attention.varlen.varlen_attn` (torch >= 2.9, CUDA), which runs the same algorithm
 - varlen_reference: a CPU stand-in for the varlen kernel (SDPA per sequence), so everything on the
-  packed path except the flash kernel call itself runs and is tested without a GPU.
+  packed path except the kernel call itself runs and is tested without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,20 +30,57 @@ AttentionImpl = Literal["padded", "varlen", "varlen_reference"]
 SHORT_BF16_MAX_LEN = 64
 
 
-@functools.cache
-def flash_varlen_kernel() -> Callable | None:
-    """flash_attn_varlen_func, or None when flash-attn is not installed (imported lazily)."""
+@dataclass(frozen=True)
+class VarlenKernel:
+    """A packed-layout attention kernel: (q, k, v, cu_seqlens, max_seqlen) -> out, all (T, H, D)."""
+
+    source: str  # "flash-attn" or "torch": which library computes it, for reports
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _flash_attn_kernel() -> VarlenKernel | None:
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         return None
-    return flash_attn_varlen_func
+
+    def attend(q, k, v, cu_seqlens, max_seqlen):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
+
+    return VarlenKernel("flash-attn", attend)
+
+
+def _torch_varlen_kernel() -> VarlenKernel | None:
+    # Building flash-attn against a given torch takes hours; torch >= 2.9 ships the kernel itself.
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+
+    def attend(q, k, v, cu_seqlens, max_seqlen):
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # non-causal, 1/sqrt(D)
+
+    return VarlenKernel("torch", attend)
+
+
+@functools.cache
+def varlen_kernel() -> VarlenKernel | None:
+    """flash-attn's varlen kernel, else torch's built-in one, else None (both run on CUDA only)."""
+    return _flash_attn_kernel() or _torch_varlen_kernel()
 
 
 def default_impl(device: torch.device, dtype: torch.dtype) -> AttentionImpl:
-    """varlen where flash-attn runs (CUDA, 16-bit), padded SDPA everywhere else."""
-    flash_ok = flash_varlen_kernel() is not None and dtype in (torch.float16, torch.bfloat16)
-    return "varlen" if device.type == "cuda" and flash_ok else "padded"
+    """varlen where a varlen kernel runs (CUDA, 16-bit), padded SDPA everywhere else."""
+    kernel_ok = varlen_kernel() is not None and dtype in (torch.float16, torch.bfloat16)
+    return "varlen" if device.type == "cuda" and kernel_ok else "padded"
+
+
+def kernel_name(impl: AttentionImpl) -> str:
+    """What computes attention under an impl, for reports and benchmark rows."""
+    if impl == "varlen":
+        kernel = varlen_kernel()
+        return f"{kernel.source} varlen" if kernel else "varlen (no kernel installed)"
+    return {"padded": "sdpa, padded", "varlen_reference": "sdpa per sequence (reference)"}[impl]
 
 
 def packed_kernel(impl: AttentionImpl) -> Callable[[torch.Tensor, int], AttentionFn]:
@@ -79,13 +119,14 @@ def short_bf16_attention(
 
 
 def varlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> AttentionFn:
-    """flash-attn varlen over packed (T, H, D): no padding is ever computed."""
-    kernel = flash_varlen_kernel()
+    """Varlen attention over packed (T, H, D): no padding is ever computed."""
+    kernel = varlen_kernel()
     if kernel is None:
-        raise RuntimeError("flash-attn is not installed; install embedlake[gpu] or use the padded path")
+        raise RuntimeError("no varlen attention kernel: install embedlake[gpu] (flash-attn) or torch >= 2.9, "
+                           "or use the padded path")
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
+        return kernel.attend(q, k, v, cu_seqlens, max_seqlen)
 
     return attend
 

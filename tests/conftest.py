@@ -7,11 +7,17 @@ Real components, no mocks: moto's `ThreadedMotoServer` speaks the S3 protocol ov
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The checkpoint builders (tiny_jina, tiny_st) live beside the model tests; pipeline and jobs tests
+# build checkpoints with them too.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "model"))
 
 MOTO_HOST = "127.0.0.1"  # never anything else: tests must not reach outside this machine
 TEST_BUCKET = "embedlake-test"

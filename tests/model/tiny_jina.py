@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from shared_data import SHARED_DATA
 
 TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
 TASK_INSTRUCTIONS = {
@@ -42,8 +43,7 @@ MASK_TOKEN = "<mask>"
 DEFAULT_VOCAB_SIZE = 1500  # including the specials and <mask>
 MODEL_MAX_LENGTH = 8192
 
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-STS_DIR = DATA_DIR / "stsbenchmark"
+STS_DIR = SHARED_DATA / "stsbenchmark"
 
 # tokenizer.json text, per vocab size: training takes ~1 s, do it once per process/pytest session.
 _TOKENIZER_CACHE: dict[int, str] = {}

@@ -6,7 +6,6 @@ Everything is real: shards are Parquet files, jobs run on a real local Ray, tabl
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -15,9 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from shared_data import qmsum_transcripts
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from tiny_jina import make_tiny_jina  # noqa: E402
+from tiny_jina import make_tiny_jina
 
 
 @pytest.fixture(scope="module")

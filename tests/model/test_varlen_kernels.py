@@ -1,0 +1,63 @@
+"""Which varlen kernel the packed GPU path uses, and (on CUDA) that each one matches SDPA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from model import attention
+from model.attention import default_impl, kernel_name, varlen, varlen_kernel, varlen_reference
+
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+HAS_TORCH_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def test_kernel_preference_flash_attn_then_torch():
+    kernel = varlen_kernel()
+    if HAS_FLASH_ATTN:
+        assert kernel is not None and kernel.source == "flash-attn"
+    elif HAS_TORCH_VARLEN:
+        assert kernel is not None and kernel.source == "torch"
+    else:
+        assert kernel is None
+
+
+@pytest.mark.skipif(not HAS_TORCH_VARLEN, reason="torch < 2.9 has no built-in varlen kernel")
+def test_packed_path_chosen_on_cuda_16bit_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert default_impl(cuda, torch.bfloat16) == "varlen" and default_impl(cuda, torch.float16) == "varlen"
+    assert default_impl(cuda, torch.float32) == "padded"  # FlashAttention kernels are 16-bit only
+    assert default_impl(cpu, torch.bfloat16) == "padded"
+    assert kernel_name("varlen").endswith(" varlen") and kernel_name("padded") == "sdpa, padded"
+
+
+def test_no_kernel_gives_a_clear_error(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: None)
+    assert attention.default_impl(torch.device("cuda"), torch.bfloat16) == "padded"
+    with pytest.raises(RuntimeError, match="no varlen attention kernel"):
+        varlen(torch.tensor([0, 3], dtype=torch.int32), 3)
+
+
+def _packed(lengths: list[int], heads: int, head_dim: int, device: str):
+    gen = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, head_dim, generator=gen).to(device, torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu, max(lengths)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("source", ["flash-attn", "torch"])
+@pytest.mark.parametrize("head_dim", [32, 64])  # MiniLM and jina-v3
+def test_varlen_kernel_matches_sdpa_per_sequence(source, head_dim):
+    kernel = {"flash-attn": attention._flash_attn_kernel, "torch": attention._torch_varlen_kernel}[source]()
+    if kernel is None:
+        pytest.skip(f"{source} varlen kernel not installed")
+    q, k, v, cu, longest = _packed([1, 7, 130, 513, 64], heads=4, head_dim=head_dim, device="cuda")
+    out = kernel.attend(q, k, v, cu, longest)
+    ref = varlen_reference(cu.cpu(), longest)(q.float().cpu(), k.float().cpu(), v.float().cpu())
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert (out.float().cpu() - ref).abs().max() < 2e-2  # bf16 rounding of the inputs and output
