@@ -71,8 +71,9 @@ def varlen_kernel() -> VarlenKernel | None:
 
 def default_impl(device: torch.device, dtype: torch.dtype) -> AttentionImpl:
     """varlen where a varlen kernel runs (CUDA, 16-bit), padded SDPA everywhere else."""
-    kernel_ok = varlen_kernel() is not None and dtype in (torch.float16, torch.bfloat16)
-    return "varlen" if device.type == "cuda" and kernel_ok else "padded"
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "padded"  # checked first: importing torch's varlen module pulls in torch._dynamo (~1 s)
+    return "varlen" if varlen_kernel() is not None else "padded"
 
 
 def kernel_name(impl: AttentionImpl) -> str:

@@ -61,3 +61,21 @@ def test_varlen_kernel_matches_sdpa_per_sequence(source, head_dim):
     ref = varlen_reference(cu.cpu(), longest)(q.float().cpu(), k.float().cpu(), v.float().cpu())
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert (out.float().cpu() - ref).abs().max() < 2e-2  # bf16 rounding of the inputs and output
+
+
+def test_cpu_encoder_does_not_import_torch_varlen():
+    """torch's varlen module imports torch._dynamo (about 1 s): a CPU actor must not pay it at start."""
+    import subprocess
+    import sys
+
+    from shared_data import minilm_dir
+
+    code = (
+        "import sys; from model import load_encoder; "
+        f"enc = load_encoder({str(minilm_dir())!r}, device='cpu'); "
+        "assert enc.attention_impl == 'padded'; "
+        "heavy = sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch.nn.attention.varlen'))); "
+        "print(heavy[:5]); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
