@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 import torch
 
 from model import load_encoder
-from pipeline.prepare import CHAR_SPANS, FIRST_CHUNK, IDS, REJECT, TOKEN_SPANS
+from pipeline.diff import UNCHANGED
+from pipeline.prepare import CHAR_SPANS, DOC_CHUNKS, FIRST_CHUNK, IDS, REJECT, STATUS, TOKEN_SPANS
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,10 @@ class EmbedStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         before = (self.encoder.stats.real_tokens, self.encoder.stats.computed_tokens)
-        accepted = pc.is_null(batch[REJECT]).to_numpy(zero_copy_only=False)
+        accepted = pc.is_null(batch[REJECT])
+        if STATUS in batch.column_names:  # unchanged documents pass through to be counted, not embedded
+            accepted = pc.and_(accepted, pc.fill_null(pc.not_equal(batch[STATUS], UNCHANGED), True))
+        accepted = accepted.to_numpy(zero_copy_only=False)
         units = batch.filter(pa.array(accepted))
         vectors = self._embed(units)  # (rows, full dim) float32, one row per output chunk
         rows = self._rows(units, vectors)
@@ -134,7 +138,7 @@ class EmbedStage:
         }
         for name in batch.column_names:  # carry upstream stats (sums) on the first output row
             numeric = pa.types.is_integer(batch[name].type) or pa.types.is_floating(batch[name].type)
-            if name.startswith("_") and numeric and name != FIRST_CHUNK:
+            if name.startswith("_") and numeric and name not in (FIRST_CHUNK, DOC_CHUNKS):
                 stats[name] = pc.sum(batch[name]).as_py() or 0
         release_free_memory()
         n = out.num_rows
@@ -184,13 +188,16 @@ class EmbedStage:
         for c in self.spec.keep_columns:
             cols[c] = units[c].take(take)
         cols[REJECT] = pa.nulls(len(chunk), pa.string())
+        for c in (STATUS, DOC_CHUNKS):
+            if c in units.column_names:
+                cols[c] = units[c].take(take)
         return pa.table(cols)
 
     def _passthrough(self, rejected: pa.Table, schema: pa.Schema) -> pa.Table:
         """Rejected units as rows of the output schema: nulls everywhere but id, reason and kept columns."""
         cols = {}
         for f in schema:
-            if f.name == "id" or f.name == REJECT or f.name in self.spec.keep_columns:
+            if f.name in ("id", "content_hash", REJECT, STATUS) or f.name in self.spec.keep_columns:
                 cols[f.name] = rejected[f.name].cast(f.type)
             elif f.name == "chunk":
                 cols[f.name] = pa.array(np.zeros(rejected.num_rows, np.int32))

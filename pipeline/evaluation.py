@@ -20,13 +20,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model import Encoder, load_encoder
-from pipeline.sink import read_table_metadata, table_uri
+from model import load_encoder
+from pipeline.query import open_for_queries
 from pipeline.storage import StorageConfig
 
 Qrels = dict[str, dict[str, int]]  # query id -> document id -> graded relevance (> 0: relevant)
@@ -202,19 +201,6 @@ def corpus_to_parquet(corpus_path: str | Path, out_path: str | Path) -> int:
 # -- retrieval over a table written by the embed job ----------------------------------------------
 
 
-def _load(model_ref: str, storage: StorageConfig, precision: str = "auto") -> Encoder:
-    return load_encoder(model_ref, dtype=precision, storage_options=storage.fsspec_options(model_ref))
-
-
-def _vector_column(meta: Mapping[str, str], table: str, column: str | None) -> tuple[str, int]:
-    dims = [int(d) for d in meta["dims"].split(",")]
-    valid = [f"vector_{d}" for d in dims]
-    column = column or valid[0]
-    if column not in valid:
-        raise ValueError(f"column {column!r} is not in table {table}; vector columns: {valid}")
-    return column, int(column.removeprefix("vector_"))
-
-
 def top_documents(tbl, query: np.ndarray, column: str, k: int) -> list[tuple[str, float]]:
     """The k best documents for one query vector, each scored by its best chunk.
 
@@ -250,23 +236,17 @@ def evaluate_retrieval(
     """
     if k_search < max(k for _, k in RETRIEVAL_METRICS):
         raise ValueError(f"k_search must be >= {max(k for _, k in RETRIEVAL_METRICS)}, got {k_search}")
-    storage = StorageConfig.from_env(storage_options)
-    meta = read_table_metadata(table_uri(db, table), storage.lance_options())
-    column, dim = _vector_column(meta, table, column)
-    encoder = _load(meta["model_ref"], storage, meta.get("precision", "auto"))  # queries as the documents
-    if encoder.info.identity != meta["model"]:
-        raise ValueError(f"model {meta['model_ref']} is now {encoder.info.identity}, but the table holds {meta['model']}")
+    side = open_for_queries(db, table, column, StorageConfig.from_env(storage_options))  # queries as the documents
     qids = [q for q in queries if _relevant(qrels.get(q, {}))]  # others are skipped: do not embed them
     if not qids:
         raise ValueError(f"none of the {len(queries)} queries has a relevant document in the qrels; do the query ids match?")
-    task = meta.get("query_task") or None
-    vectors = encoder.encode([queries[q] for q in qids], task=task, dim=None if dim == encoder.dim else dim)
-    tbl = lancedb.connect(db, storage_options=storage.lance_options()).open_table(table)
-    run = {q: [doc for doc, _ in top_documents(tbl, v, column, k_search)] for q, v in zip(qids, vectors, strict=True)}
+    vectors = side.embed([queries[q] for q in qids])
+    run = {q: [doc for doc, _ in top_documents(side.table, v, side.column, k_search)]
+           for q, v in zip(qids, vectors, strict=True)}
     scores = score_run(run, qrels)
     scores["skipped"] = len(queries) - len(qids)
     scores["qrels_without_query"] = sum(1 for q in qrels if q not in queries and _relevant(qrels[q]))
-    return {**scores, "model": meta["model"], "query_task": task, "column": column, "table": table,
+    return {**scores, "model": side.meta.model, "query_task": side.meta.query_task, "column": side.column, "table": table,
             "k_search": k_search}
 
 
@@ -307,7 +287,8 @@ def evaluate_sts(
     `task` defaults to jina-v3's text-matching adapter when the model has one, else none.
     """
     left, right, gold = load_sts_pairs(pairs_path, split_format)
-    encoder = _load(model_ref, StorageConfig.from_env(storage_options), precision)
+    storage = StorageConfig.from_env(storage_options)
+    encoder = load_encoder(model_ref, dtype=precision, storage_options=storage.fsspec_options(model_ref))
     if task is None and STS_TASK in encoder.tasks:
         task = STS_TASK
     unique = list(dict.fromkeys(left + right))  # embed each sentence once

@@ -19,13 +19,16 @@ import pyarrow as pa
 
 from model import TextTokenizer, chunk_spans, token_spans
 from pipeline.config import ChunkingConfig, SourceConfig
+from pipeline.diff import UNCHANGED, LookupSpec, statuses
 
 # Internal columns (prefix "_") travel with the rows and are summed or dropped by the writer.
 IDS = "_ids"  # list<int32> model input token ids of the unit
 CHAR_SPANS = "_char_spans"  # list<int32> flat [s0, e0, s1, e1, ...] character spans into `text`
 TOKEN_SPANS = "_token_spans"  # list<int32> flat token spans (late chunking only)
 FIRST_CHUNK = "_first_chunk"  # int32 chunk index of the unit's first span
-REJECT = "_reject_reason"
+REJECT = "_reject_reason"  # null = accepted; otherwise why the row was not embedded
+STATUS = "_status"  # new | changed | unchanged against the table the run resumes or updates (null: new)
+DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the row's document: the committer keeps documents whole
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class PrepareSpec:
     # The driver's tokenizer in Ray's object store: workers then import neither torch nor
     # transformers (seconds of CPU per worker, taken from the encoder beside them on small nodes).
     tokenizer_ref: object | None = None
+    lookup: LookupSpec | None = None  # the table version to diff against (resume, reembed); None: all new
 
 
 _TOKENIZERS: dict[object, TextTokenizer] = {}  # one per worker process: Ray reuses workers across tasks
@@ -94,12 +98,20 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
     kept = {c: batch.column(c) for c in src.keep_columns}
 
     rows: dict[str, list] = {k: [] for k in ("id", "text", "content_hash", IDS, CHAR_SPANS, TOKEN_SPANS,
-                                             FIRST_CHUNK, REJECT, "_docs", "_truncated", "_source_row")}
+                                             FIRST_CHUNK, REJECT, "_docs", "_truncated", "_source_row",
+                                             STATUS, DOC_CHUNKS)}
+    reasons = [_reject_reason(d, t) for d, t in zip(ids_col, texts, strict=True)]
+    hashes = [content_hash(embedded_text(t, ti)) if r is None else None
+              for t, ti, r in zip(texts, titles, reasons, strict=True)]
+    status = statuses(spec.lookup, [None if d is None else str(d) for d in ids_col], hashes)
+    doc_chunks = 0
 
     def emit(i, doc_id, text, ids, char_spans, tspans, first_chunk, reject, docs, truncated):
         rows["id"].append(None if doc_id is None else str(doc_id))
         rows["text"].append(text)
-        rows["content_hash"].append(content_hash(text) if text is not None else None)
+        rows["content_hash"].append(hashes[i] if hashes[i] is not None else content_hash(text) if text is not None else None)
+        rows[STATUS].append(status[i])
+        rows[DOC_CHUNKS].append(doc_chunks)
         rows[IDS].append(ids)
         rows[CHAR_SPANS].append(char_spans)
         rows[TOKEN_SPANS].append(tspans)
@@ -109,19 +121,23 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
         rows["_truncated"].append(truncated)
         rows["_source_row"].append(i)
 
-    reasons = [_reject_reason(d, t) for d, t in zip(ids_col, texts, strict=True)]
     whole: dict[int, list[int]] = {}
     if ch.mode == "none":  # one batched tokenizer call (parallel in Rust) instead of one per document
-        ok = [i for i, r in enumerate(reasons) if r is None]
+        ok = [i for i, r in enumerate(reasons) if r is None and status[i] != UNCHANGED]
         encoded = tok.encode([embedded_text(texts[i], titles[i]) for i in ok], [prefix] * len(ok))
         whole = {i: ids.tolist() for i, ids in zip(ok, encoded, strict=True)}
 
     for i, (doc_id, raw, title) in enumerate(zip(ids_col, texts, titles, strict=True)):
+        doc_chunks = 0
         if reasons[i] is not None:
             emit(i, doc_id, raw if isinstance(raw, str) else None, [], [], [], 0, reasons[i], 0, 0)
             continue
+        if status[i] == UNCHANGED:  # already in the table as it is: counted by the writer, not embedded
+            emit(i, doc_id, None, [], [], [], 0, None, 0, 0)
+            continue
         text = embedded_text(raw, title)
         if ch.mode == "none":
+            doc_chunks = 1
             end, truncated = len(text), 0
             if len(whole[i]) >= tok.max_length:  # maybe cut at the window: find where, for `end`
                 untruncated = len(tok.encode_with_offsets([text], [prefix])[0].ids)
@@ -131,6 +147,7 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
             emit(i, doc_id, text, whole[i], [0, end], [], 0, None, 1, truncated)
             continue
         spans = chunk_spans(tok, text, ch.mode, chunk_tokens=ch.chunk_tokens, chunk_sentences=ch.chunk_sentences)
+        doc_chunks = len(spans)
         if ch.late:
             doc = tok.encode_with_offsets([text], [prefix])[0]  # whole: long late chunking windows it
             tspans = token_spans(doc, spans)
@@ -153,6 +170,8 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
         REJECT: pa.array(rows[REJECT], pa.string()),
         "_docs": pa.array(rows["_docs"], pa.int64()),
         "_truncated": pa.array(rows["_truncated"], pa.int64()),
+        STATUS: pa.array(rows[STATUS], pa.string()),
+        DOC_CHUNKS: pa.array(rows[DOC_CHUNKS], pa.int32()),
     }
     for name, col in kept.items():
         out[name] = col.take(source_rows) if n else col.slice(0, 0)

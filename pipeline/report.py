@@ -8,38 +8,44 @@ from typing import TYPE_CHECKING
 from pipeline.storage import StorageConfig, url_path
 
 if TYPE_CHECKING:
-    from pipeline.run import ResolvedJob
-    from pipeline.sink import CommitSummary
-
-MAX_REJECTS_LISTED = 1000
+    from pipeline.commit import CommitSummary
 
 
-def build_report(job: ResolvedJob, summary: CommitSummary, *, wall_s: float, indexes: dict) -> dict:
+def build_report(job: dict, summary: CommitSummary, *, wall_s: float, indexes: dict) -> dict:
+    """`job` is `pipeline.run.describe_job`'s plain facts; the counts come from the committed windows.
+
+    Documents read reconcile as embedded (new + changed) + unchanged + rejected.
+    """
     s = summary.stats
-    cfg = job.cfg
     docs_ok = int(s.get("_docs", 0))
     tokens = int(s.get("_tokens", 0))
     computed = int(s.get("_computed_tokens", 0))
     embed_s = float(s.get("_embed_s", 0.0))
-    reasons: dict[str, int] = {}
-    for r in summary.rejects:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    rejected = sum(summary.rejected.values())
+    unchanged = summary.documents.get("unchanged", 0)
+    resume = summary.resume
     return {
-        "run_id": cfg.run_id,
-        "input": cfg.source.input,
-        "output": {"db": cfg.sink.db, "table": cfg.sink.table, "mode": cfg.sink.mode, "version": summary.version},
-        "model": job.info.identity,
-        "task": job.task,
-        "dims": list(job.dims),
-        "chunking": {"mode": cfg.chunking.mode, "late": cfg.chunking.late and cfg.chunking.mode != "none",
-                     "window": job.window},
-        "documents_read": docs_ok + len(summary.rejects),
+        "run_id": job["run_id"],
+        "kind": job["kind"],
+        "input": job["input"],
+        "output": {"db": job["db"], "table": job["table"], "mode": job["kind"], "version": summary.version},
+        "model": job["model"],
+        "task": job["task"],
+        "dims": job["dims"],
+        "chunking": job["chunking"],
+        "resumed_from": {"version": resume.base_version, "rows": resume.rows_before, "staged": resume.staged}
+        if resume.resumed else None,
+        "documents_read": docs_ok + unchanged + rejected,
         "documents_embedded": docs_ok,
-        "documents_rejected": len(summary.rejects),
+        "documents_new": summary.documents.get("new", 0),
+        "documents_changed": summary.documents.get("changed", 0),
+        "documents_unchanged": unchanged,
+        "documents_rejected": rejected,
         "documents_truncated": int(s.get("_truncated", 0)),
-        "rejected_by_reason": reasons,
-        "rejected": summary.rejects[:MAX_REJECTS_LISTED],
+        "rejected_by_reason": dict(summary.rejected),
+        "rejected_sample": summary.reject_sample,
         "chunks_written": summary.rows_committed,
+        "chunks_replaced": summary.replaced_rows,
         "tokens": tokens,
         "computed_tokens": computed,
         "padding_efficiency": round(tokens / computed, 4) if computed else 1.0,
@@ -78,6 +84,8 @@ def format_report(report: dict) -> str:
         f" (version {report['output']['version']})",
         f"  model {report['model']}  task {report['task']}  dims {report['dims']}  chunking {report['chunking']}",
         f"  documents read {report['documents_read']}  embedded {report['documents_embedded']}"
+        f" (new {report['documents_new']}, changed {report['documents_changed']})"
+        f"  unchanged {report['documents_unchanged']}"
         f"  rejected {report['documents_rejected']} {report['rejected_by_reason'] or ''}"
         f"  truncated {report['documents_truncated']}",
         f"  chunks written {report['chunks_written']}  tokens {report['tokens']}"
@@ -86,6 +94,9 @@ def format_report(report: dict) -> str:
         f"  stage seconds {report['stage_s']}",
         f"  actors {len(report['actors'])}  commits {report['commits']}  indexes {report['indexes'] or 'none'}",
     ]
+    if report.get("resumed_from"):
+        r = report["resumed_from"]
+        lines.append(f"  resumed from version {r['version']} ({r['rows']} rows already committed{', staged' if r['staged'] else ''})")
     if report.get("report_path"):
         lines.append(f"  report {report['report_path']}")
     return "\n".join(lines)

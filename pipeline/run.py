@@ -9,25 +9,31 @@ reads and writes: ray-lance spec §0.7).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 
+import lance
 import pyarrow as pa
 import ray
 
 from model import EncoderInfo, TextTokenizer, describe_model
 from model.loading import check_precision
+from pipeline.commit import LanceCommitter, Mode, Resume
 from pipeline.config import JobConfig
+from pipeline.diff import LookupSpec, ensure_id_index
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
 from pipeline.read import list_files, read_source, source_schema
 from pipeline.report import build_report, save_report
-from pipeline.sink import LanceCommitter, build_vector_indexes, table_uri, write_dataset
+from pipeline.sink import build_vector_indexes, table_uri, write_dataset
 from pipeline.storage import StorageConfig
+from pipeline.table_meta import TableMetadata
 
 log = logging.getLogger("embedlake")
 
@@ -112,28 +118,34 @@ def output_schema(job: ResolvedJob, source: pa.Schema) -> pa.Schema:
     return pa.schema(fields)
 
 
-def table_metadata(job: ResolvedJob) -> dict[str, str]:
+def table_metadata(job: ResolvedJob, kind: str) -> TableMetadata:
+    """What the table records about this run; `job_key` is the same for every run of the same command."""
     cfg = job.cfg
-    return {
-        "run_id": cfg.run_id,
-        "model": job.info.identity,
-        "model_ref": cfg.encode.model,
-        "model_family": job.info.family,
-        "task": job.task or "",
-        "query_task": job.info.query_task or "",
-        "dims": ",".join(map(str, job.dims)),
-        "vector_dtype": cfg.encode.vector_dtype,
-        "precision": cfg.encode.precision,
-        "chunking": json.dumps(
-            {"mode": cfg.chunking.mode, "chunk_tokens": cfg.chunking.chunk_tokens,
-             "chunk_sentences": cfg.chunking.chunk_sentences, "late": cfg.chunking.late and cfg.chunking.mode != "none",
-             "window": job.window, "overlap": cfg.chunking.overlap}
-        ),
-        "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = TableMetadata(
+        run_id=cfg.run_id,
+        job_key="",
+        state="running",
+        model=job.info.identity,
+        model_ref=cfg.encode.model,
+        model_family=job.info.family,
+        task=job.task,
+        query_task=job.info.query_task,
+        dims=job.dims,
+        vector_dtype=cfg.encode.vector_dtype,
+        precision=cfg.encode.precision,
+        chunking={"mode": cfg.chunking.mode, "chunk_tokens": cfg.chunking.chunk_tokens,
+                  "chunk_sentences": cfg.chunking.chunk_sentences, "late": cfg.chunking.late and cfg.chunking.mode != "none",
+                  "window": job.window, "overlap": cfg.chunking.overlap},
+        written_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    vector_settings = {k: v for k, v in meta.to_metadata().items() if k not in ("run_id", "job_key", "state", "written_at")}
+    command = {"kind": kind, "input": cfg.source.input, "source": dataclasses.asdict(cfg.source),
+               "table": table_uri(cfg.sink.db, cfg.sink.table), **vector_settings}
+    key = hashlib.sha256(json.dumps(command, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return dataclasses.replace(meta, job_key=key)
 
 
-def build_dataset(job: ResolvedJob, files: list[str]) -> ray.data.Dataset:
+def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None = None) -> ray.data.Dataset:
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
@@ -143,7 +155,7 @@ def build_dataset(job: ResolvedJob, files: list[str]) -> ray.data.Dataset:
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
-                       tokenizer_ref=ray.put(job.tokenizer))
+                       tokenizer_ref=ray.put(job.tokenizer), lookup=lookup)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
                         compute=ray.data.TaskPoolStrategy(size=tasks))
     spec = EmbedSpec(
@@ -163,7 +175,8 @@ def build_dataset(job: ResolvedJob, files: list[str]) -> ray.data.Dataset:
     return ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs={"spec": spec},
-        batch_size=cfg.encode.sort_window,
+        # A call's output is one writer result: the commit window can close no finer than that.
+        batch_size=min(cfg.encode.sort_window, cfg.sink.commit_every_rows),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=job.actors),
         num_gpus=job.gpus_per_actor,
@@ -178,33 +191,67 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
 
 
-def run_job(cfg: JobConfig) -> dict:
-    """Run the job on the current Ray cluster (local if none); return and store the run report."""
+def run_job(cfg: JobConfig, *, mode: Mode | None = None) -> dict:
+    """Run the job on the current Ray cluster (local if none); return and store the run report.
+
+    `mode` defaults to the configured write mode; `reembed` and `full` come from `run_reembed`.
+    Every mode resumes: documents the table (or the staged replacement) already holds with the same
+    content hash are counted as unchanged and cost no encoder work.
+    """
     ensure_ray()
     t0 = time.perf_counter()
+    mode = mode or cfg.sink.mode
     job = resolve(cfg)
     log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
     files = list_files(cfg.source, job.storage)
     source = source_schema(cfg.source, job.storage, files)
-    schema = output_schema(job, source)
     uri = table_uri(cfg.sink.db, cfg.sink.table)
     committer = LanceCommitter(
-        uri,
-        schema,
-        job.storage.lance_options(),
-        cfg.sink.mode,
-        commit_every_rows=cfg.sink.commit_every_rows,
-        commit_every_s=cfg.sink.commit_every_s,
-        metadata=table_metadata(job),
+        uri, output_schema(job, source), job.storage, mode, table_metadata(job, mode),
+        commit_every_rows=cfg.sink.commit_every_rows, commit_every_s=cfg.sink.commit_every_s,
     )
-    summary = write_dataset(build_dataset(job, files), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    resume = committer.begin()
+    lookup = _lookup(uri, resume, job.storage)
+    if resume.resumed:
+        log.info("resuming: %d rows of version %s already committed", resume.rows_before, resume.base_version)
+    summary = write_dataset(build_dataset(job, files, lookup), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    if not committer.staged:
+        ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
     indexes = {}
     if cfg.sink.index:
         cols = [vector_column(d) for d in job.dims]
         indexes = build_vector_indexes(cfg.sink.db, cfg.sink.table, cols, job.storage.lance_options())
-    report = build_report(job, summary, wall_s=time.perf_counter() - t0, indexes=indexes)
+    report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes)
     report["report_path"] = save_report(report, cfg.sink.db, cfg.sink.table, job.storage)
     return report
+
+
+def _lookup(uri: str, resume: Resume, storage: StorageConfig) -> LookupSpec | None:
+    """What prepare tasks diff against: the base version, indexed on `id` first when it is the live table."""
+    if resume.base_version is None:
+        return None
+    version = resume.base_version
+    if not resume.staged:
+        ensure_id_index(uri, storage.lance_options())  # commits an index version; the data is the same
+        version = lance.dataset(uri, storage_options=storage.lance_options()).version
+    return LookupSpec(uri, version, tuple(sorted(storage.lance_options().items())))
+
+
+def describe_job(job: ResolvedJob, mode: str) -> dict:
+    """The plain facts about a job that its report states."""
+    cfg = job.cfg
+    return {
+        "run_id": cfg.run_id,
+        "kind": mode,
+        "input": cfg.source.input,
+        "db": cfg.sink.db,
+        "table": cfg.sink.table,
+        "model": job.info.identity,
+        "task": job.task,
+        "dims": list(job.dims),
+        "chunking": {"mode": cfg.chunking.mode, "late": cfg.chunking.late and cfg.chunking.mode != "none",
+                     "window": job.window},
+    }
 
 
 __all__ = ["REJECT", "ResolvedJob", "build_dataset", "output_schema", "resolve", "run_job"]

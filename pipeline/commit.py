@@ -1,0 +1,441 @@
+"""The driver half of the two-phase Lance write: atomic windows of whole documents, exactly once.
+
+Invariant: the table holds, for every id, all chunks of exactly one version of that document. So the
+table itself is the progress record: a document is done iff its id is in the table with the source's
+`content_hash`. Nothing else records progress, so progress and data can never disagree; a re-run
+(resume, `reembed`) looks each source document up by id and embeds only what is absent or changed
+(`pipeline.diff`). Resume granularity is whole documents, committed in windows.
+
+Windows. `FragmentWriter` results are grouped so that a window never splits a document (a document's
+chunk rows can arrive in two results; `DocWindows` keeps them together) and close every
+`commit_every_rows` rows or `commit_every_s` seconds. Each window is ONE Lance commit:
+* live (create, append, reembed): `Append(fragments)`, or, when the window replaces documents the
+  table already holds, `Update(removed/updated fragments = their old chunks, new_fragments)`: readers
+  see each document's old chunks or its new ones, never both and never neither. The deletions are
+  computed against the latest version and the commit is guarded by it; a concurrent writer's
+  conflicting commit makes us recompute and retry (`CONFLICT_RETRIES`).
+* staged (overwrite, `reembed --full`): windows are *detached* commits (spec §2.4: never the latest
+  version, invisible to readers) chained from an empty `Overwrite`; `finish()` switches readers over
+  with one `Restore` of the last staged version, data and metadata together. A pointer file
+  `<table>.staging/<job_key>.json` names the last staged version so a re-run continues from it; it is
+  written after the commit, so a crash in between only costs that window's recomputation.
+
+Metadata (`TableMetadata`) is committed before the first window (state "running") and marked
+"complete" at the end, so the table is queryable after every commit and a re-run of the same command
+(same `job_key`) knows it may resume. Every commit carries the run id, the command kind and the
+window's counts as Lance transaction properties: `pipeline.history` reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import lance
+import pyarrow as pa
+import pyarrow.compute as pc
+from lance import LanceOperation
+from lance.commit import CommitConflictError
+from lance.fragment import FragmentMetadata
+
+from pipeline.sink import INTERNAL_PREFIX, open_existing
+from pipeline.storage import StorageConfig, url_path
+from pipeline.table_meta import TableMetadata
+
+Mode = Literal["create", "append", "overwrite", "reembed", "full"]
+CONFLICT_RETRIES = 10
+MAX_REJECT_SAMPLE = 100  # rejected rows listed in the summary; all are counted by reason
+_RESULT_COLUMNS = ("fragments", "num_rows", "rejected", "reject_sample", "documents", "replace", "edges")
+
+
+@dataclass
+class WriterResult:
+    """One `FragmentWriter` output row."""
+
+    fragments: list[FragmentMetadata]
+    rows: int
+    replace: list[str]  # ids whose previous chunks these rows replace
+    edges: dict[str, list[int]]  # id -> [chunks here, chunks of the document] for split documents
+
+
+class DocWindows:
+    """Groups writer results into commit-ready sets that never split a document.
+
+    A result without split documents is ready at once. Results that share a split document form one
+    group (union over shared ids), ready when each of its split documents has all its chunks.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[int, tuple[list[WriterResult], dict[str, list[int]]]] = {}
+        self._group_of: dict[str, int] = {}  # split id -> group key
+        self._next = 0
+        self.ready: list[WriterResult] = []
+
+    def add(self, result: WriterResult) -> None:
+        if not result.edges:
+            self.ready.append(result)
+            return
+        keys = {self._group_of[i] for i in result.edges if i in self._group_of}
+        results, seen = [result], {}
+        for k in keys:
+            other_results, other_seen = self._groups.pop(k)
+            results += other_results
+            for i, (n, total) in other_seen.items():
+                seen[i] = [seen.get(i, [0, total])[0] + n, total]
+        for i, (n, total) in result.edges.items():
+            seen[i] = [seen.get(i, [0, total])[0] + n, total]
+        if any(n > total for n, total in seen.values()):
+            raise RuntimeError(f"more chunks than a document has arrived ({seen}); this is a bug")
+        for i in seen:
+            self._group_of.pop(i, None)
+        if all(n == total for n, total in seen.values()):
+            self.ready.extend(results)
+            return
+        key, self._next = self._next, self._next + 1
+        self._groups[key] = (results, seen)
+        for i in seen:
+            self._group_of[i] = key
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(r) for r, _ in self._groups.values())
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What `begin()` found: the version whose documents count as done (None: nothing to look up)."""
+
+    base_version: int | None
+    resumed: bool  # a re-run continuing its own interrupted run
+    staged: bool
+    rows_before: int  # rows the base version already holds
+
+
+@dataclass(frozen=True)
+class CommitSummary:
+    """What a finished write made visible. `rows_committed` equals the sum of the writers' `num_rows`."""
+
+    version: int
+    rows_committed: int
+    fragments_committed: int
+    commits: int  # data commits (windows)
+    versions: tuple[int, ...]
+    resume: Resume
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    reject_sample: list[dict] = field(default_factory=list)
+    documents: dict[str, int] = field(default_factory=dict)  # new / changed / unchanged -> documents
+    replaced_rows: int = 0  # old chunk rows the windows removed
+    stats: dict[str, int | float] = field(default_factory=dict)  # sums of the internal `_x` columns
+    tallies: dict[str, dict[str, int]] = field(default_factory=dict)  # string `_x` columns: value -> rows
+
+
+def _sql_list(ids: list[str]) -> str:
+    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+
+
+def deletions_for(ds: lance.LanceDataset, ids: list[str]) -> tuple[list[int], list[FragmentMetadata], int]:
+    """(removed fragment ids, updated fragments, rows deleted) that drop every row of `ids` from `ds`.
+
+    The id lookup scans only the `id` column (a BTREE index on it, when present, makes it a lookup);
+    deletion vectors are then written for the fragments that hold those ids only.
+    """
+    if not ids:
+        return [], [], 0
+    hits = ds.scanner(columns=["id"], filter=pc.field("id").isin(ids), with_row_address=True).to_table()
+    by_fragment: dict[int, set[str]] = {}
+    for i, addr in zip(hits["id"].to_pylist(), hits["_rowaddr"].to_pylist(), strict=True):
+        by_fragment.setdefault(addr >> 32, set()).add(i)
+    removed, updated = [], []
+    for fid, fids in sorted(by_fragment.items()):
+        new = ds.get_fragment(fid).delete(f"id IN ({_sql_list(sorted(fids))})")
+        if new is None:
+            removed.append(fid)
+        else:
+            updated.append(new)
+    return removed, updated, hits.num_rows
+
+
+class LanceCommitter:
+    """Driver-side committer of `FragmentWriter` results; see the module docstring for the semantics.
+
+    Use: `begin()` (returns the `Resume` the job looks documents up against), then `add(result_rows)`
+    for every batch of writer output, then `finish()`. Counters stay readable after a failure.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        schema: pa.Schema,
+        storage: StorageConfig,
+        mode: Mode,
+        metadata: TableMetadata,
+        *,
+        commit_every_rows: int = 100_000,
+        commit_every_s: float = 60.0,
+        kind: str | None = None,
+    ):
+        if commit_every_rows < 1 or not commit_every_s > 0:
+            raise ValueError(
+                f"commit_every_rows must be >= 1 and commit_every_s > 0, got {commit_every_rows} and {commit_every_s}"
+            )
+        self.uri = uri
+        self.schema = schema
+        self.storage = storage
+        self.storage_options = storage.lance_options()
+        self.mode: Mode = mode
+        self.kind = kind or mode
+        self.metadata = metadata
+        self.commit_every_rows = commit_every_rows
+        self.commit_every_s = commit_every_s
+        self.staged = False
+
+        self._begun = self._finished = False
+        self._stage_version: int | None = None
+        self._windows = DocWindows()
+        self._pending_rows = 0
+        self._last_commit_t = 0.0
+        self.resume: Resume | None = None
+        self.rows_received = self.rows_committed = self.fragments_committed = self.replaced_rows = 0
+        self.versions: list[int] = []
+        self.rejected: dict[str, int] = {}
+        self.reject_sample: list[dict] = []
+        self.documents: dict[str, int] = {}
+        self.stats: dict[str, int | float] = {}
+        self.tallies: dict[str, dict[str, int]] = {}
+
+    # -- begin ------------------------------------------------------------------------------------
+
+    def begin(self) -> Resume:
+        """Check the mode against the table's state, create or resume, and say what counts as done."""
+        existing = open_existing(self.uri, self.storage_options)
+        meta = self._existing_metadata(existing)
+        if existing is None or (meta is None and existing.count_rows() == 0):
+            # No table, or an empty one whose creating run died before its metadata commit.
+            if self.mode in ("append", "reembed", "full"):
+                raise FileNotFoundError(f"table {self.uri} does not exist; create it with `embedlake embed`")
+            self._create()
+            return self._resumed(None, resumed=False)
+        if self.mode in ("overwrite", "full"):
+            return self._begin_staged(existing)
+        if meta is None:
+            raise ValueError(f"table {self.uri} holds rows but no embedlake metadata; it was not written by embedlake")
+        if self.mode == "create":
+            if meta.job_key == self.metadata.job_key and meta.state == "running":
+                return self._resumed(existing.version, resumed=True)
+            raise FileExistsError(
+                f"table {self.uri} already exists (version {existing.version}, run {meta.run_id}, {meta.state}); "
+                "use `embedlake reembed` to update it, --mode overwrite to replace it, or another --table"
+            )
+        diffs = meta.setting_differences(self.metadata) + self._schema_differences(existing.schema)
+        if diffs:
+            hint = "re-run with --full to re-embed everything" if self.mode == "reembed" else "use --mode overwrite"
+            raise ValueError(f"table {self.uri} was embedded with other settings ({'; '.join(diffs)}); {hint}")
+        return self._resumed(existing.version, resumed=meta.job_key == self.metadata.job_key and meta.state == "running")
+
+    def _existing_metadata(self, ds: lance.LanceDataset | None) -> TableMetadata | None:
+        if ds is None:
+            return None
+        try:
+            return TableMetadata.from_metadata(ds.metadata, where=f"table {self.uri}")
+        except ValueError:
+            return None
+
+    def _schema_differences(self, actual: pa.Schema) -> list[str]:
+        want = {f.name: f.type for f in self.schema}
+        have = {f.name: f.type for f in actual}
+        diffs = [f"column {n} missing in table" for n in want if n not in have]
+        diffs += [f"column {n} only in table" for n in have if n not in want]
+        diffs += [f"column {n}: table has {have[n]}, writing {t}" for n, t in want.items() if n in have and have[n] != t]
+        return diffs
+
+    def _create(self) -> None:
+        ds = lance.LanceDataset.commit(self.uri, LanceOperation.Overwrite(self.schema, []),
+                                       storage_options=self.storage_options)
+        self._commit_metadata(ds.version, running=True)
+
+    def _begin_staged(self, existing: lance.LanceDataset) -> Resume:
+        self.staged = True
+        pointer = self._read_pointer()
+        if pointer is not None and open_existing(self.uri, self.storage_options, pointer) is not None:
+            self._stage_version = pointer
+            return self._resumed(pointer, resumed=True)
+        ds = lance.LanceDataset.commit(self.uri, LanceOperation.Overwrite(self.schema, []), read_version=existing.version,
+                                       storage_options=self.storage_options, detached=True)
+        self._stage_version = ds.version
+        self._commit_metadata(ds.version, running=True)
+        self._write_pointer()
+        return self._resumed(None, resumed=False)
+
+    def _resumed(self, base: int | None, *, resumed: bool) -> Resume:
+        rows = 0 if base is None else open_existing(self.uri, self.storage_options, base).count_rows()
+        self.resume = Resume(base_version=base, resumed=resumed, staged=self.staged, rows_before=rows)
+        self._last_commit_t = time.monotonic()
+        self._begun = True
+        return self.resume
+
+    # -- add ----------------------------------------------------------------------------------------
+
+    def add(self, results: pa.Table) -> None:
+        """Take `FragmentWriter` output rows; commit a window when it is full."""
+        self._check_open()
+        for row in results.to_pylist():
+            result = WriterResult(
+                fragments=[FragmentMetadata.from_json(json.dumps(d)) for d in json.loads(row["fragments"])],
+                rows=int(row["num_rows"]),
+                replace=json.loads(row["replace"]),
+                edges=json.loads(row["edges"]),
+            )
+            if sum(f.physical_rows for f in result.fragments) != result.rows:
+                raise RuntimeError("writer reported a row count its fragments do not hold; this is a bug")
+            self.rows_received += result.rows
+            self._count(row)
+            self._windows.add(result)
+            self._pending_rows += result.rows
+            if self._window_full():
+                self._commit_window()
+
+    def _count(self, row: dict) -> None:
+        for reason, n in json.loads(row["rejected"]).items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + n
+        room = MAX_REJECT_SAMPLE - len(self.reject_sample)
+        if room > 0:
+            self.reject_sample.extend(json.loads(row["reject_sample"])[:room])
+        for status, n in json.loads(row["documents"]).items():
+            self.documents[status] = self.documents.get(status, 0) + n
+        for name, value in row.items():
+            if name in _RESULT_COLUMNS or not name.startswith(INTERNAL_PREFIX) or value is None:
+                continue
+            if isinstance(value, str):
+                tally = self.tallies.setdefault(name, {})
+                for key, count in json.loads(value).items():
+                    tally[key] = tally.get(key, 0) + count
+            else:
+                self.stats[name] = self.stats.get(name, 0) + value
+
+    def _window_full(self) -> bool:
+        if not self._windows.ready:
+            return False
+        ready_rows = sum(r.rows for r in self._windows.ready)
+        return ready_rows >= self.commit_every_rows or time.monotonic() - self._last_commit_t >= self.commit_every_s
+
+    # -- commit -------------------------------------------------------------------------------------
+
+    def _properties(self, what: str, **counts: int) -> dict[str, str]:
+        return {"embedlake.run_id": self.metadata.run_id, "embedlake.kind": self.kind, "embedlake.what": what,
+                **{f"embedlake.{k}": str(v) for k, v in counts.items()}}
+
+    def _commit_window(self) -> None:
+        results, self._windows.ready = self._windows.ready, []
+        if not results:
+            return
+        fragments = [f for r in results for f in r.fragments]
+        replace_ids = sorted({i for r in results for i in r.replace})
+        rows = sum(r.rows for r in results)
+        if not fragments and not replace_ids:  # only unchanged or rejected documents: nothing to commit
+            return
+        for attempt in range(CONFLICT_RETRIES):
+            base = self._stage_version if self.staged else None
+            ds = lance.dataset(self.uri, version=base, storage_options=self.storage_options)
+            removed, updated, deleted = deletions_for(ds, replace_ids)
+            if removed or updated:
+                op = LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
+            else:
+                op = LanceOperation.Append(fragments)
+            props = self._properties("window", window=len(self.versions) + 1, rows=rows, replaced_rows=deleted)
+            try:
+                new = lance.LanceDataset.commit(self.uri, lance.Transaction(ds.version, op, transaction_properties=props),
+                                                storage_options=self.storage_options, detached=self.staged)
+                break
+            except CommitConflictError:
+                if attempt == CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        if self.staged:
+            self._stage_version = new.version
+            self._write_pointer()
+        self.versions.append(new.version)
+        self.rows_committed += rows
+        self.replaced_rows += deleted
+        self.fragments_committed += len(fragments)
+        self._pending_rows -= rows
+        self._last_commit_t = time.monotonic()
+
+    def _commit_metadata(self, read_version: int, *, running: bool) -> int:
+        meta = replace(self.metadata, state="running" if running else "complete")
+        op = LanceOperation.UpdateConfig(table_metadata_updates=LanceOperation.UpdateMap(meta.to_metadata(), replace=True))
+        tx = lance.Transaction(read_version, op, transaction_properties=self._properties("metadata"))
+        ds = lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options, detached=self.staged)
+        if self.staged:
+            self._stage_version = ds.version
+        return ds.version
+
+    # -- finish -------------------------------------------------------------------------------------
+
+    def finish(self) -> CommitSummary:
+        """Commit what is pending, mark the run complete (staged: switch readers over), summarize."""
+        self._check_open()
+        if self._windows.waiting:
+            raise RuntimeError(f"{self._windows.waiting} writer results hold documents whose other chunks never came; this is a bug")
+        self._commit_window()
+        if self.rows_committed != self.rows_received:
+            raise RuntimeError(f"committed {self.rows_committed} rows of {self.rows_received} received; this is a bug")
+        if self.staged:
+            self._commit_metadata(self._stage_version, running=False)
+            latest = lance.dataset(self.uri, storage_options=self.storage_options).version
+            tx = lance.Transaction(latest, LanceOperation.Restore(self._stage_version),
+                                   transaction_properties=self._properties("switch", rows=self.rows_committed))
+            version = lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options).version
+            self._remove_pointer()
+        else:
+            latest = lance.dataset(self.uri, storage_options=self.storage_options).version
+            version = self._commit_metadata(latest, running=False)
+        self._finished = True
+        assert self.resume is not None
+        return CommitSummary(
+            version=version, rows_committed=self.rows_committed, fragments_committed=self.fragments_committed,
+            commits=len(self.versions), versions=tuple(self.versions), resume=self.resume,
+            rejected=dict(self.rejected), reject_sample=list(self.reject_sample), documents=dict(self.documents),
+            replaced_rows=self.replaced_rows, stats=dict(self.stats),
+            tallies={k: dict(v) for k, v in self.tallies.items()},
+        )
+
+    def _check_open(self) -> None:
+        if not self._begun:
+            raise RuntimeError("call begin() before add()/finish()")
+        if self._finished:
+            raise RuntimeError("this committer has already finished")
+
+    # -- staging pointer ----------------------------------------------------------------------------
+
+    def _pointer_url(self) -> str:
+        return f"{self.uri.removesuffix('.lance')}.staging/{self.metadata.job_key}.json"
+
+    def _read_pointer(self) -> int | None:
+        url = self._pointer_url()
+        fs = self.storage.fsspec_filesystem(url)
+        try:
+            with fs.open(url_path(url), "r") as fh:
+                return int(json.load(fh)["version"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def _write_pointer(self) -> None:
+        url = self._pointer_url()
+        fs = self.storage.fsspec_filesystem(url)
+        path = url_path(url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        body = json.dumps({"version": self._stage_version, "run_id": self.metadata.run_id})
+        if "://" in url:  # an object-store PUT is atomic
+            fs.pipe_file(path, body.encode())
+        else:  # a local write is not: write beside, then rename over
+            fs.pipe_file(path + ".tmp", body.encode())
+            fs.mv(path + ".tmp", path)
+
+    def _remove_pointer(self) -> None:
+        url = self._pointer_url()
+        fs = self.storage.fsspec_filesystem(url)
+        if fs.exists(url_path(url)):
+            fs.rm(url_path(url))
+

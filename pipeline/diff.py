@@ -1,0 +1,71 @@
+"""Which source documents a run must embed: a lookup join of the source against the table, by id.
+
+Each prepare task looks its block's ids up in the table version the run started from (or resumes
+from): `id IN (block ids) AND chunk = 0` over the `id` and `content_hash` columns, which Lance
+answers from the BTREE index on `id` (`ensure_id_index`) plus a scan of the rows added since that
+index was last updated. So the diff runs where the data is read, in parallel, and the driver never
+holds ids or hashes: its memory does not grow with the corpus. A document is
+* new: its id is not in the table;
+* unchanged: same id and `content_hash`: no tokenization, no encoder work, nothing written;
+* changed: same id, other hash: embedded, and its old chunks are replaced in the same commit.
+Documents in the table but gone from the source are found the other way round (`missing_ids`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lance
+import pyarrow.compute as pc
+
+NEW, CHANGED, UNCHANGED = "new", "changed", "unchanged"
+
+
+@dataclass(frozen=True)
+class LookupSpec:
+    """The table version a run compares against; small and picklable."""
+
+    uri: str
+    version: int
+    storage_options: tuple[tuple[str, str], ...] = ()
+
+
+_OPEN: dict[LookupSpec, lance.LanceDataset] = {}  # one per worker process: Ray reuses workers
+
+
+def previous_hashes(spec: LookupSpec, ids: list[str]) -> dict[str, str]:
+    """id -> content_hash in the table version, for those of `ids` it holds."""
+    if not ids:
+        return {}
+    if spec not in _OPEN:
+        _OPEN[spec] = lance.dataset(spec.uri, version=spec.version, storage_options=dict(spec.storage_options))
+    found = _OPEN[spec].to_table(columns=["id", "content_hash"],
+                                 filter=pc.field("id").isin(ids) & (pc.field("chunk") == 0))
+    return dict(zip(found["id"].to_pylist(), found["content_hash"].to_pylist(), strict=True))
+
+
+def statuses(spec: LookupSpec | None, ids: list[str | None], hashes: list[str | None]) -> list[str | None]:
+    """NEW / CHANGED / UNCHANGED per row (None where the row has no id or hash: it is rejected)."""
+    if spec is None:
+        return [NEW if i is not None and h is not None else None for i, h in zip(ids, hashes, strict=True)]
+    before = previous_hashes(spec, sorted({i for i, h in zip(ids, hashes, strict=True) if i is not None and h is not None}))
+    out: list[str | None] = []
+    for i, h in zip(ids, hashes, strict=True):
+        if i is None or h is None:
+            out.append(None)
+        elif i not in before:
+            out.append(NEW)
+        else:
+            out.append(UNCHANGED if before[i] == h else CHANGED)
+    return out
+
+
+def ensure_id_index(uri: str, storage_options: dict[str, str]) -> None:
+    """A BTREE index on `id` (created, or updated with the rows added since), for lookups and deletions."""
+    ds = lance.dataset(uri, storage_options=storage_options)
+    if ds.count_rows() == 0:
+        return
+    if any(idx.get("fields") == ["id"] or "id" in idx.get("fields", []) for idx in ds.list_indices()):
+        ds.optimize.optimize_indices()
+    else:
+        ds.create_scalar_index("id", "BTREE")
