@@ -127,6 +127,8 @@ class CommitSummary:
     reject_sample: list[dict] = field(default_factory=list)
     documents: dict[str, int] = field(default_factory=dict)  # new / changed / unchanged -> documents
     replaced_rows: int = 0  # old chunk rows the windows removed
+    deleted_documents: int = 0  # documents gone from the source, removed (`--delete-missing`)
+    missing_kept: int = 0  # documents gone from the source, counted and kept
     stats: dict[str, int | float] = field(default_factory=dict)  # sums of the internal `_x` columns
     tallies: dict[str, dict[str, int]] = field(default_factory=dict)  # string `_x` columns: value -> rows
 
@@ -194,10 +196,10 @@ class LanceCommitter:
         self._begun = self._finished = False
         self._stage_version: int | None = None
         self._windows = DocWindows()
-        self._pending_rows = 0
         self._last_commit_t = 0.0
         self.resume: Resume | None = None
         self.rows_received = self.rows_committed = self.fragments_committed = self.replaced_rows = 0
+        self.deleted_documents = self.missing_kept = 0
         self.versions: list[int] = []
         self.rejected: dict[str, int] = {}
         self.reject_sample: list[dict] = []
@@ -232,7 +234,10 @@ class LanceCommitter:
         if diffs:
             hint = "re-run with --full to re-embed everything" if self.mode == "reembed" else "use --mode overwrite"
             raise ValueError(f"table {self.uri} was embedded with other settings ({'; '.join(diffs)}); {hint}")
-        return self._resumed(existing.version, resumed=meta.job_key == self.metadata.job_key and meta.state == "running")
+        resumed = meta.job_key == self.metadata.job_key and meta.state == "running"
+        # This run's metadata, "running", before its first window: a crash leaves a table that says so.
+        version = self._commit_metadata(existing.version, running=True)
+        return self._resumed(version, resumed=resumed)
 
     def _existing_metadata(self, ds: lance.LanceDataset | None) -> TableMetadata | None:
         if ds is None:
@@ -292,7 +297,6 @@ class LanceCommitter:
             self.rows_received += result.rows
             self._count(row)
             self._windows.add(result)
-            self._pending_rows += result.rows
             if self._window_full():
                 self._commit_window()
 
@@ -328,39 +332,57 @@ class LanceCommitter:
 
     def _commit_window(self) -> None:
         results, self._windows.ready = self._windows.ready, []
-        if not results:
-            return
         fragments = [f for r in results for f in r.fragments]
-        replace_ids = sorted({i for r in results for i in r.replace})
         rows = sum(r.rows for r in results)
-        if not fragments and not replace_ids:  # only unchanged or rejected documents: nothing to commit
+        new, deleted = self._commit_replacing(sorted({i for r in results for i in r.replace}), fragments,
+                                              "window", window=len(self.versions) + 1, rows=rows)
+        if new is None:  # only unchanged or rejected documents: nothing to commit
             return
-        for attempt in range(CONFLICT_RETRIES):
-            base = self._stage_version if self.staged else None
-            ds = lance.dataset(self.uri, version=base, storage_options=self.storage_options)
-            removed, updated, deleted = deletions_for(ds, replace_ids)
-            if removed or updated:
-                op = LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
-            else:
-                op = LanceOperation.Append(fragments)
-            props = self._properties("window", window=len(self.versions) + 1, rows=rows, replaced_rows=deleted)
-            try:
-                new = lance.LanceDataset.commit(self.uri, lance.Transaction(ds.version, op, transaction_properties=props),
-                                                storage_options=self.storage_options, detached=self.staged)
-                break
-            except CommitConflictError:
-                if attempt == CONFLICT_RETRIES - 1:
-                    raise
-                time.sleep(0.05 * 2**attempt)
-        if self.staged:
-            self._stage_version = new.version
-            self._write_pointer()
         self.versions.append(new.version)
         self.rows_committed += rows
         self.replaced_rows += deleted
         self.fragments_committed += len(fragments)
-        self._pending_rows -= rows
         self._last_commit_t = time.monotonic()
+
+    def delete_documents(self, ids: list[str]) -> int:
+        """Remove every chunk of `ids` in one commit (live tables); returns the rows removed."""
+        self._check_open()
+        if self.staged:
+            raise RuntimeError("a staged replacement holds only this run's documents; there is nothing to delete")
+        new, deleted = self._commit_replacing(ids, [], "delete", documents=len(ids))
+        if new is not None:
+            self.deleted_documents += len(ids)
+        return deleted
+
+    def _commit_replacing(self, ids: list[str], fragments: list[FragmentMetadata], what: str,
+                          **counts: int) -> tuple[lance.LanceDataset | None, int]:
+        """ONE commit that drops every chunk of `ids` and adds `fragments`, guarded by the version the
+        deletions were computed on; recomputed and retried when a concurrent commit conflicts.
+        Returns (the new version, rows deleted), or (None, 0) when there was nothing to change."""
+        for attempt in range(CONFLICT_RETRIES):
+            ds = lance.dataset(self.uri, version=self._stage_version if self.staged else None,
+                               storage_options=self.storage_options)
+            removed, updated, deleted = deletions_for(ds, ids)
+            if not fragments and not deleted:
+                return None, 0
+            if removed or updated:
+                op = LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
+            else:
+                op = LanceOperation.Append(fragments)
+            props = self._properties(what, replaced_rows=deleted, **counts)
+            try:
+                new = lance.LanceDataset.commit(self.uri, lance.Transaction(ds.version, op, transaction_properties=props),
+                                                storage_options=self.storage_options, detached=self.staged)
+            except CommitConflictError:
+                if attempt == CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+                continue
+            if self.staged:
+                self._stage_version = new.version
+                self._write_pointer()
+            return new, deleted
+        raise AssertionError("unreachable")
 
     def _commit_metadata(self, read_version: int, *, running: bool) -> int:
         meta = replace(self.metadata, state="running" if running else "complete")
@@ -397,7 +419,8 @@ class LanceCommitter:
             version=version, rows_committed=self.rows_committed, fragments_committed=self.fragments_committed,
             commits=len(self.versions), versions=tuple(self.versions), resume=self.resume,
             rejected=dict(self.rejected), reject_sample=list(self.reject_sample), documents=dict(self.documents),
-            replaced_rows=self.replaced_rows, stats=dict(self.stats),
+            replaced_rows=self.replaced_rows, deleted_documents=self.deleted_documents,
+            missing_kept=self.missing_kept, stats=dict(self.stats),
             tallies={k: dict(v) for k, v in self.tallies.items()},
         )
 

@@ -14,9 +14,13 @@ Documents in the table but gone from the source are found the other way round (`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import lance
 import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    import ray.data
 
 NEW, CHANGED, UNCHANGED = "new", "changed", "unchanged"
 
@@ -65,7 +69,25 @@ def ensure_id_index(uri: str, storage_options: dict[str, str]) -> None:
     ds = lance.dataset(uri, storage_options=storage_options)
     if ds.count_rows() == 0:
         return
-    if any(idx.get("fields") == ["id"] or "id" in idx.get("fields", []) for idx in ds.list_indices()):
+    if any(idx["fields"] == ["id"] for idx in ds.list_indices()):
         ds.optimize.optimize_indices()
     else:
         ds.create_scalar_index("id", "BTREE")
+
+
+def missing_ids(spec: LookupSpec, source_ids: ray.data.Dataset, *, partitions: int) -> ray.data.Dataset:
+    """Ids of documents the table version holds but the source no longer does (column `id`).
+
+    A hash join in Ray Data (`left_anti`) of the table's ids (first chunks only) against the source's
+    ids: both sides are id columns only, shuffled across the cluster, so no process holds either set.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    table_ids = (
+        ray.data.read_lance(spec.uri, version=spec.version, columns=["id", "chunk"],
+                            storage_options=dict(spec.storage_options))
+        .filter(expr=col("chunk") == 0)
+        .select_columns(["id"])
+    )
+    return table_ids.join(source_ids, join_type="left_anti", num_partitions=partitions, on=("id",))

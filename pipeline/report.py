@@ -41,6 +41,8 @@ def build_report(job: dict, summary: CommitSummary, *, wall_s: float, indexes: d
         "documents_changed": summary.documents.get("changed", 0),
         "documents_unchanged": unchanged,
         "documents_rejected": rejected,
+        "documents_deleted": summary.deleted_documents,
+        "documents_missing_kept": summary.missing_kept,
         "documents_truncated": int(s.get("_truncated", 0)),
         "rejected_by_reason": dict(summary.rejected),
         "rejected_sample": summary.reject_sample,
@@ -85,7 +87,8 @@ def format_report(report: dict) -> str:
         f"  model {report['model']}  task {report['task']}  dims {report['dims']}  chunking {report['chunking']}",
         f"  documents read {report['documents_read']}  embedded {report['documents_embedded']}"
         f" (new {report['documents_new']}, changed {report['documents_changed']})"
-        f"  unchanged {report['documents_unchanged']}"
+        f"  unchanged {report['documents_unchanged']}  deleted {report['documents_deleted']}"
+        f"  missing-but-kept {report['documents_missing_kept']}"
         f"  rejected {report['documents_rejected']} {report['rejected_by_reason'] or ''}"
         f"  truncated {report['documents_truncated']}",
         f"  chunks written {report['chunks_written']}  tokens {report['tokens']}"

@@ -26,10 +26,10 @@ from model import EncoderInfo, TextTokenizer, describe_model
 from model.loading import check_precision
 from pipeline.commit import LanceCommitter, Mode, Resume
 from pipeline.config import JobConfig
-from pipeline.diff import LookupSpec, ensure_id_index
+from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
-from pipeline.read import list_files, read_source, source_schema
+from pipeline.read import ParquetShards, list_files, read_source, source_schema
 from pipeline.report import build_report, save_report
 from pipeline.sink import build_vector_indexes, table_uri, write_dataset
 from pipeline.storage import StorageConfig
@@ -191,12 +191,14 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
 
 
-def run_job(cfg: JobConfig, *, mode: Mode | None = None) -> dict:
+def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = False) -> dict:
     """Run the job on the current Ray cluster (local if none); return and store the run report.
 
-    `mode` defaults to the configured write mode; `reembed` and `full` come from `run_reembed`.
+    `mode` defaults to the configured write mode; `reembed` updates a table in place (refused when
+    the table was embedded with other settings), `full` re-embeds all of it as a staged replacement.
     Every mode resumes: documents the table (or the staged replacement) already holds with the same
-    content hash are counted as unchanged and cost no encoder work.
+    content hash are counted as unchanged and cost no encoder work. A `reembed` also counts the
+    table's documents that the source no longer has, and deletes them with `delete_missing`.
     """
     ensure_ray()
     t0 = time.perf_counter()
@@ -214,6 +216,8 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None) -> dict:
     lookup = _lookup(uri, resume, job.storage)
     if resume.resumed:
         log.info("resuming: %d rows of version %s already committed", resume.rows_before, resume.base_version)
+    if mode == "reembed" and lookup is not None:
+        _reconcile_missing(job, files, lookup, committer, delete=delete_missing)
     summary = write_dataset(build_dataset(job, files, lookup), committer, writer_num_cpus=LIGHT_TASK_CPUS)
     if not committer.staged:
         ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
@@ -235,6 +239,21 @@ def _lookup(uri: str, resume: Resume, storage: StorageConfig) -> LookupSpec | No
         ensure_id_index(uri, storage.lance_options())  # commits an index version; the data is the same
         version = lance.dataset(uri, storage_options=storage.lance_options()).version
     return LookupSpec(uri, version, tuple(sorted(storage.lance_options().items())))
+
+
+def _reconcile_missing(job: ResolvedJob, files: list[str], lookup: LookupSpec, committer: LanceCommitter,
+                       *, delete: bool) -> None:
+    """Count (and with `delete`, remove in windows) the table's documents that the source lost."""
+    src = job.cfg.source
+    ids = ParquetShards(files, (src.id_column,), job.storage)
+    source_ids = ray.data.read_datasource(ids, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(files)).map_batches(
+        lambda t: pa.table({"id": t[src.id_column].cast(pa.string())}), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    missing = missing_ids(lookup, source_ids, partitions=max(1, len(files) // 8))
+    for batch in missing.iter_batches(batch_format="pyarrow", batch_size=job.cfg.sink.commit_every_rows):
+        if delete:
+            committer.delete_documents(batch["id"].to_pylist())
+        else:
+            committer.missing_kept += batch.num_rows
 
 
 def describe_job(job: ResolvedJob, mode: str) -> dict:

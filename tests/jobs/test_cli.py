@@ -67,7 +67,7 @@ def test_embed_then_query(corpus, tmp_path, capsys, ray_local):
     assert main(argv) == 0
     assert "chunks written 60" in capsys.readouterr().out
     meta = read_table_metadata(table_uri(db, "docs"), {})
-    assert meta["precision"] == "bfloat16"  # the query below is embedded at the table's precision
+    assert meta.precision == "bfloat16"  # the query below is embedded at the table's precision
     (report,) = [json.loads(f.read_text()) for f in (tmp_path / "db" / "docs.reports").glob("*.json")]
     assert [a for a in report["actors"] if "dtype=bfloat16" in a]
     target = sts_sentences(60)[7]

@@ -128,12 +128,13 @@ def test_local_vectors_equal_direct_encoding_at_every_dim(local_job, minilm):
 def test_local_table_metadata(local_job, minilm):
     cfg, report, _, _ = local_job
     meta = read_table_metadata(table_uri(cfg.sink.db, cfg.sink.table), {})
-    assert meta["model"] == minilm.info.identity == report["model"]
-    assert meta["model_ref"] == cfg.encode.model
-    assert meta["task"] == ""  # MiniLM has no tasks
-    assert meta["dims"] == "384,128,32"
-    assert meta["run_id"] == cfg.run_id == report["run_id"]
-    chunking = json.loads(meta["chunking"])
+    assert meta.model == minilm.info.identity == report["model"]
+    assert meta.model_ref == cfg.encode.model
+    assert meta.task is None  # MiniLM has no tasks
+    assert meta.dims == (384, 128, 32)
+    assert meta.run_id == cfg.run_id == report["run_id"]
+    assert meta.state == "complete" and meta.precision == "float32"
+    chunking = meta.chunking
     assert (
         chunking["mode"] == "none" and chunking["late"] is False and chunking["window"] == minilm.max_length
     )
@@ -146,7 +147,7 @@ def test_local_report_reconciles_and_lists_rejects(local_job):
     assert report["documents_embedded"] == 60 and report["documents_rejected"] == 3
     assert report["chunks_written"] == rows.num_rows == 60
     assert report["documents_truncated"] == 0
-    assert sorted((r["id"] or "", r["reason"]) for r in report["rejected"]) == sorted(
+    assert sorted((r["id"] or "", r["reason"]) for r in report["rejected_sample"]) == sorted(
         (i or "", reason) for i, _, reason in BAD_ROWS
     )
     assert report["rejected_by_reason"] == {"missing id": 1, "missing text": 1, "empty text": 1}
@@ -164,7 +165,7 @@ def test_local_index_per_vector_column_and_search_finds_the_document(local_job):
     cfg, report, _, rows = local_job
     tbl = lancedb.connect(cfg.sink.db).open_table("docs")
     indexed = {tuple(i.columns) for i in tbl.list_indices()}
-    assert indexed == {(f"vector_{d}",) for d in DIMS}
+    assert indexed == {(f"vector_{d}",) for d in DIMS} | {("id",)}  # id: BTREE for re-embed lookups
     assert set(report["indexes"]) == {f"vector_{d}" for d in DIMS}
     for r in rows.select(["id", "text"]).to_pylist()[::12]:
         hits = search(cfg.sink.db, "docs", r["text"], k=3)
@@ -234,7 +235,7 @@ def test_modes_create_fails_append_adds_overwrite_replaces(
             run_id=uuid.uuid4().hex[:12],
         )
 
-    with pytest.raises(FileExistsError, match=r"already exists.*mode='append'.*mode='overwrite'"):
+    with pytest.raises(FileExistsError, match=r"already exists.*reembed.*--mode overwrite"):
         run_job(job("create", sts_sentences(4), "create"))
     tbl = lancedb.connect(db).open_table("docs")
     assert tbl.version == version and tbl.count_rows() == TWO_ACTOR_DOCS  # untouched
@@ -246,7 +247,7 @@ def test_modes_create_fails_append_adds_overwrite_replaces(
     assert sorted(rows["id"].to_pylist()) == sorted(
         base_rows["id"].to_pylist() + [f"app-{i}" for i in range(10)]
     )
-    assert read_table_metadata(uri, {})["run_id"] == appended.run_id
+    assert read_table_metadata(uri, {}).run_id == appended.run_id
 
     overwrite = job("new", sts_sentences(20)[10:], "overwrite")
     report = run_job(overwrite)
@@ -255,7 +256,7 @@ def test_modes_create_fails_append_adds_overwrite_replaces(
     assert rows["id"].to_pylist() == sorted(f"new-{i}" for i in range(10))
     assert rows["text"].to_pylist() == [sts_sentences(20)[10 + int(i[4:])] for i in rows["id"].to_pylist()]
     meta = read_table_metadata(uri, {})
-    assert meta["run_id"] == overwrite.run_id and meta["dims"] == "384,64"
+    assert meta.run_id == overwrite.run_id and meta.dims == (384, 64)
     reports = sorted(p.name for p in (tmp_path / "db" / "docs.reports").iterdir())
     assert reports == sorted(f"{c.run_id}.json" for c in (appended, overwrite))
 
@@ -287,7 +288,7 @@ def test_s3_to_s3(s3_env, ray_up, make_shards, write_shards, minilm):
     np.testing.assert_allclose(vectors(rows, 384), minilm.encode(rows["text"].to_pylist()), atol=ATOL)
     np.testing.assert_allclose(vectors(rows, 32), minilm.encode(rows["text"].to_pylist(), dim=32), atol=ATOL)
     meta = read_table_metadata(table_uri(db, "docs"), s3_env.storage_options)
-    assert meta["run_id"] == cfg.run_id and meta["dims"] == "384,32"
+    assert meta.run_id == cfg.run_id and meta.dims == (384, 32)
     assert report["report_path"] == f"{db}/docs.reports/{cfg.run_id}.json"
     fs = storage.fsspec_filesystem(db)
     stored = json.loads(fs.cat(report["report_path"].removeprefix("s3://")))
@@ -332,7 +333,7 @@ def test_late_chunking_vectors_equal_encode_spans(late_job, tiny_jina_model):
         "window": LATE_WINDOW,
     }
     meta = read_table_metadata(table_uri(cfg.sink.db, "chunks"), {})
-    assert meta["task"] == "retrieval.passage" and json.loads(meta["chunking"])["late"] is True
+    assert meta.task == "retrieval.passage" and meta.chunking["late"] is True
     docs = good_docs(shards)
     by_id: dict[str, list[dict]] = {}
     for r in rows.to_pylist():

@@ -1,7 +1,11 @@
-"""The two-phase Lance sink: FragmentWriter (workers) + LanceCommitter (driver), on real Ray, Lance and moto S3."""
+"""The two-phase Lance sink: FragmentWriter (workers) + LanceCommitter (driver), on real Ray, Lance and moto S3.
+
+The committer's own semantics (whole-document windows, replacement, staging, resume) are in test_commit.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -12,14 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.sink import (
-    FragmentWriter,
-    LanceCommitter,
-    build_vector_indexes,
-    read_table_metadata,
-    table_uri,
-    write_dataset,
-)
+from pipeline.commit import LanceCommitter
+from pipeline.sink import FragmentWriter, build_vector_indexes, read_table_metadata, table_uri, write_dataset
+from pipeline.storage import StorageConfig
+from pipeline.table_meta import TableMetadata
 
 DIM, DIM16 = 32, 16
 SCHEMA = pa.schema(
@@ -30,7 +30,17 @@ SCHEMA = pa.schema(
         ("vector_16", pa.list_(pa.float16(), DIM16)),
     ]
 )
-META = {"run_id": "run-test-1", "model": "tiny", "task": "retrieval.passage", "dims": "32,16"}
+META = TableMetadata(run_id="run-test-1", job_key="job-1", state="running", model="tiny@0", model_ref="tiny",
+                     model_family="test", task="retrieval.passage", query_task="retrieval.query", dims=(32, 16),
+                     vector_dtype="float32", precision="float32", chunking={"mode": "none"})
+
+
+def committer(uri: str, mode: str = "create", options: dict | None = None, meta: TableMetadata = META, **kw) -> LanceCommitter:
+    return LanceCommitter(uri, SCHEMA, StorageConfig(options or {}), mode, meta, **kw)
+
+
+def complete(meta: TableMetadata = META) -> TableMetadata:
+    return dataclasses.replace(meta, state="complete")
 
 
 def make_rows(n: int, start: int = 0, *, reject_every: int | None = None, seed: int = 0) -> pa.Table:
@@ -78,17 +88,20 @@ def test_table_uri():
         table_uri("/db", "a/b")
 
 
-def test_fragment_writer_writes_accepted_rows_and_reports_the_rest(tmp_path):
+def test_fragment_writer_writes_accepted_rows_and_counts_the_rest(tmp_path):
     uri = table_uri(str(tmp_path), "t")
+    c = committer(uri)
+    c.begin()  # creates the empty table with its metadata: writers append to its schema
     rows = make_rows(40, reject_every=7)  # ids 0, 7, 14, ... rejected
-    out = FragmentWriter(uri, SCHEMA, {}, mode="create")(rows)
+    out = FragmentWriter(uri, SCHEMA, {})(rows)
 
     assert out.num_rows == 1
     row = out.to_pylist()[0]
     assert row["num_rows"] == 34
-    assert json.loads(row["rejects"]) == [
-        {"id": f"doc-{i:06d}", "reason": "too_long"} for i in range(0, 40, 7)
-    ]
+    assert json.loads(row["rejected"]) == {"too_long": 6}
+    assert json.loads(row["reject_sample"]) == [{"id": f"doc-{i:06d}", "reason": "too_long"} for i in range(0, 40, 7)]
+    assert json.loads(row["documents"]) == {"new": 34}
+    assert json.loads(row["replace"]) == [] and json.loads(row["edges"]) == {}
     assert row["_tokens"] == 120 and row["_computed_tokens"] == 160 and row["_embed_s"] == pytest.approx(20.0)
     assert (
         out.schema.field("_tokens").type == pa.int64() and out.schema.field("_embed_s").type == pa.float64()
@@ -96,53 +109,39 @@ def test_fragment_writer_writes_accepted_rows_and_reports_the_rest(tmp_path):
     assert json.loads(row["_chunk_note"]) == {"x": 40} and "_reject_reason" not in out.column_names
     fragments = json.loads(row["fragments"])
     assert sum(f["physical_rows"] for f in fragments) == 34
-    with pytest.raises(ValueError, match="not found"):
-        lance.dataset(uri)  # written but uncommitted: nothing visible
+    assert lance.dataset(uri).count_rows() == 0  # written but uncommitted: nothing visible
 
-    committer = LanceCommitter(uri, SCHEMA, {}, "create", metadata=META)
-    committer.begin()
-    committer.add(out)
-    summary = committer.finish()
-    assert summary.rows_committed == 34 and summary.commits == 1
+    c.add(out)
+    summary = c.finish()
+    assert summary.rows_committed == 34 and summary.commits == 1 and summary.rejected == {"too_long": 6}
     assert read_sorted(uri).equals(accepted(rows))
-    assert read_table_metadata(uri, {}) == META
+    assert read_table_metadata(uri, {}) == complete()
 
 
 def test_fragment_writer_all_rejected_and_bad_batches(tmp_path):
     uri = table_uri(str(tmp_path), "t")
+    committer(uri).begin()
     writer = FragmentWriter(uri, SCHEMA, {})
     rows = make_rows(5, reject_every=1)
     row = writer(rows).to_pylist()[0]
     assert row["num_rows"] == 0 and json.loads(row["fragments"]) == []
-    assert len(json.loads(row["rejects"])) == 5
+    assert json.loads(row["rejected"]) == {"too_long": 5}
 
     with pytest.raises(ValueError, match="unexpected non-internal columns \\['extra'\\]"):
         writer(rows.append_column("extra", pa.array([1] * 5)))
     with pytest.raises(ValueError, match="missing columns \\['vector_16'\\]"):
         writer(rows.drop_columns(["vector_16"]))
-    with pytest.raises(ValueError, match="mode must be one of"):
-        FragmentWriter(uri, SCHEMA, {}, mode="upsert")
 
 
-def test_committer_modes_check_table_state(tmp_path):
+def test_fragment_writer_reports_documents_split_across_batches(tmp_path):
     uri = table_uri(str(tmp_path), "t")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        LanceCommitter(uri, SCHEMA, {}, "append").begin()
-    with pytest.raises(RuntimeError, match="begin"):
-        LanceCommitter(uri, SCHEMA, {}, "create").finish()
-
-    empty = LanceCommitter(uri, SCHEMA, {}, "create")
-    empty.begin()
-    summary = empty.finish()  # create with no rows still makes the (empty) table
-    assert lance.dataset(uri).count_rows() == 0 and summary.rows_committed == 0
-
-    with pytest.raises(FileExistsError, match="already exists"):
-        LanceCommitter(uri, SCHEMA, {}, "create").begin()
-    other = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), 8))])
-    with pytest.raises(ValueError, match="schema differs"):
-        LanceCommitter(uri, other, {}, "append").begin()
-    with pytest.raises(TypeError, match="str to str"):
-        LanceCommitter(uri, SCHEMA, {}, "append", metadata={"dims": 32})
+    committer(uri).begin()
+    rows = make_rows(6).append_column("_doc_chunks", pa.array([1, 3, 3, 3, 2, 2], pa.int32()))
+    rows = rows.set_column(0, "id", pa.array(["a", "b", "b", "b", "c", "c"]))
+    out = FragmentWriter(uri, SCHEMA, {})(rows.slice(0, 3)).to_pylist()[0]
+    assert json.loads(out["edges"]) == {"b": [2, 3]}  # "a" is whole, "b" continues in the next batch
+    out = FragmentWriter(uri, SCHEMA, {})(rows.slice(3, 2)).to_pylist()[0]
+    assert json.loads(out["edges"]) == {"b": [1, 3], "c": [1, 2]}
 
 
 # --- with Ray, local table ----------------------------------------------------------------------
@@ -156,12 +155,9 @@ def written(ray_local, tmp_path_factory):
     db = str(tmp_path_factory.mktemp("lancedb"))
     uri = table_uri(db, "emb")
     rows = make_rows(N, reject_every=REJECT_EVERY)
-    committer = LanceCommitter(
-        uri, SCHEMA, {}, "create", commit_every_rows=WINDOW, commit_every_s=3600, metadata=META
-    )
-    summary = write_dataset(
-        ray_local.data.from_arrow(blocks(rows, BLOCK)), committer, schema=SCHEMA, uri=uri, storage_options={}
-    )
+    c = committer(uri, commit_every_rows=WINDOW, commit_every_s=3600)
+    c.begin()
+    summary = write_dataset(ray_local.data.from_arrow(blocks(rows, BLOCK)), c)
     return db, uri, rows, summary
 
 
@@ -170,7 +166,8 @@ def test_write_dataset_rows_exact_and_typed(written):
     per_block = BLOCK - 1
     assert summary.rows_committed == N - N // REJECT_EVERY == 12 * per_block
     assert summary.fragments_committed == 12
-    assert sorted(r["id"] for r in summary.rejects) == [f"doc-{i:06d}" for i in range(0, N, REJECT_EVERY)]
+    assert summary.rejected == {"too_long": N // REJECT_EVERY}
+    assert sorted(r["id"] for r in summary.reject_sample) == [f"doc-{i:06d}" for i in range(0, N, REJECT_EVERY)]
     assert summary.stats == {"_tokens": 3 * N, "_computed_tokens": 4 * N, "_embed_s": pytest.approx(0.5 * N)}
 
     tbl = lancedb.connect(db).open_table("emb")
@@ -180,20 +177,23 @@ def test_write_dataset_rows_exact_and_typed(written):
     got = tbl.to_arrow().sort_by("id")
     assert max(Counter(got["id"].to_pylist()).values()) == 1
     assert got.equals(accepted(rows))
-    assert read_table_metadata(uri, {}) == META
+    assert read_table_metadata(uri, {}) == complete()
 
 
 def test_windowed_commits_are_whole_and_monotone(written):
     _, uri, _, summary = written
     per_block = BLOCK - 1
-    # 5 blocks (1245 rows) fill the first two windows; the last 2 blocks commit in finish().
-    assert summary.commits == 3 and summary.versions == (1, 2, 3)
+    # Version 1 is the empty table, 2 its metadata; 5 blocks (1245 rows) fill each of the first two
+    # windows; the last 2 blocks commit in finish(), then the "complete" metadata.
+    assert summary.commits == 3 and summary.versions == (3, 4, 5)
     counts = [lance.dataset(uri, version=v).count_rows() for v in summary.versions]
     assert counts == [5 * per_block, 10 * per_block, 12 * per_block]
-    assert summary.version == 4  # + the metadata commit
+    assert summary.version == 6
     ds = lance.dataset(uri)
-    messages = [ds.read_transaction(v).transaction_properties["__lance_commit_message"] for v in range(1, 5)]
-    assert all("run=run-test-1" in m for m in messages), messages
+    props = [ds.read_transaction(v).transaction_properties for v in range(2, 7)]
+    assert all(p["embedlake.run_id"] == "run-test-1" and p["embedlake.kind"] == "create" for p in props), props
+    assert [p["embedlake.what"] for p in props] == ["metadata", "window", "window", "window", "metadata"]
+    assert [int(p["embedlake.rows"]) for p in props[1:4]] == counts[:1] + [5 * per_block, 2 * per_block]
 
 
 def test_build_vector_indexes_and_self_query(written):
@@ -211,61 +211,38 @@ def test_build_vector_indexes_and_self_query(written):
         build_vector_indexes(db, "emb", ["text"], {})
 
 
-def test_append_and_overwrite_modes(ray_local, tmp_path):
-    uri = table_uri(str(tmp_path), "t")
-    first, second, third = make_rows(300), make_rows(200, start=300), make_rows(150, start=1000)
-
-    def run(rows, mode, **kwargs):
-        committer = LanceCommitter(uri, SCHEMA, {}, mode, commit_every_s=3600, **kwargs)
-        return write_dataset(ray_local.data.from_arrow(blocks(rows, 50)), committer)
-
-    run(first, "create", metadata={"model": "a", "note": "old"})
-    with pytest.raises(FileExistsError):
-        run(first, "create")
-
-    summary = run(second, "append", metadata={"model": "b"})
-    assert read_sorted(uri).equals(accepted(pa.concat_tables([first, second])))
-    assert read_table_metadata(uri, {}) == {"model": "b", "note": "old"}  # append merges keys
-    assert summary.commits == 1
-
-    before = lance.dataset(uri).version
-    summary = run(third, "overwrite", commit_every_rows=10, metadata={"model": "c"})
-    # A single Overwrite commit despite a window of 10 rows, then the metadata commit.
-    assert summary.commits == 1 and summary.versions == (before + 1,) and summary.version == before + 2
-    assert read_sorted(uri).equals(accepted(third))
-    assert read_table_metadata(uri, {}) == {"model": "c"}  # overwrite replaces stale keys
-
-
 def test_crash_mid_write_leaves_only_whole_windows(ray_local, tmp_path):
     uri = table_uri(str(tmp_path), "t")
     seed = make_rows(10, start=100_000)
-    seeder = LanceCommitter(uri, SCHEMA, {}, "create")
+    seeder = committer(uri)
     seeder.begin()
-    seeder.add(FragmentWriter(uri, SCHEMA, {}, mode="create")(seed))
+    seeder.add(FragmentWriter(uri, SCHEMA, {})(seed))
     seeder.finish()
+    seeded = lance.dataset(uri).version
 
     def fail_on_last_block(batch: pa.Table) -> pa.Table:
         # Defined inside the test so cloudpickle ships it by value: Ray workers cannot import test modules.
         if "doc-000950" in batch["id"].to_pylist():
             deadline = time.monotonic() + 30
-            while lance.dataset(uri).version < 2 and time.monotonic() < deadline:
+            while lance.dataset(uri).version <= seeded and time.monotonic() < deadline:
                 time.sleep(0.05)  # crash only after at least one window was committed
             raise RuntimeError("injected failure")
         return batch
 
     rows = make_rows(1000)
     ds = ray_local.data.from_arrow(blocks(rows, 100)).map_batches(fail_on_last_block, batch_format="pyarrow")
-    committer = LanceCommitter(uri, SCHEMA, {}, "append", commit_every_rows=100, commit_every_s=3600)
+    c = committer(uri, "append", meta=dataclasses.replace(META, run_id="run-2"), commit_every_rows=100, commit_every_s=3600)
+    c.begin()
     with pytest.raises(Exception, match="injected failure"):
-        write_dataset(ds, committer)
+        write_dataset(ds, c)
 
     got = read_sorted(uri)  # still readable
-    assert got.num_rows == 10 + committer.rows_committed
-    assert committer.rows_committed % 100 == 0 and 100 <= committer.rows_committed < 1000
+    assert got.num_rows == 10 + c.rows_committed
+    assert c.rows_committed % 100 == 0 and 100 <= c.rows_committed < 1000
     assert max(Counter(got["id"].to_pylist()).values()) == 1
     source = {r["id"]: r for r in accepted(pa.concat_tables([seed, rows])).to_pylist()}
     assert all(source[r["id"]] == r for r in got.to_pylist())
-    for version in committer.versions:  # every visible version holds whole windows
+    for version in c.versions:  # every visible version holds whole windows
         assert (lance.dataset(uri, version=version).count_rows() - 10) % 100 == 0
 
 
@@ -277,11 +254,12 @@ def test_write_dataset_to_s3_and_read_back_with_lancedb(ray_local, moto_s3):
     options = moto_s3.storage_options
     uri = table_uri(db, "emb")
     rows = make_rows(600, reject_every=100)
-    committer = LanceCommitter(uri, SCHEMA, options, "create", commit_every_rows=300, metadata=META)
-    summary = write_dataset(ray_local.data.from_arrow(blocks(rows, 200)), committer)
+    c = committer(uri, options=options, commit_every_rows=300)
+    c.begin()
+    summary = write_dataset(ray_local.data.from_arrow(blocks(rows, 200)), c)
     assert summary.rows_committed == 594 and summary.commits == 2
 
     tbl = lancedb.connect(db, storage_options=options).open_table("emb")
     assert tbl.count_rows() == 594
     assert tbl.to_arrow().sort_by("id").equals(accepted(rows))
-    assert read_table_metadata(uri, options) == META
+    assert read_table_metadata(uri, options) == complete()
