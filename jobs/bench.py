@@ -2,13 +2,20 @@
 
 Each figure is repeated (`--repeats`), reported as median and spread (min..max), written as JSON
 (with the git revision) and as a Markdown table. Sections:
-  encoder   embedlake `Encoder.encode` vs sentence-transformers `encode`, interleaved, per length mix
+  encoder   embedlake `Encoder.encode` vs sentence-transformers `encode` at the same precision,
+            interleaved, per length mix
   padding   real/computed tokens of our batching vs fixed-count batches in input order
-  pipeline  end-to-end `embed` (Parquet in, LanceDB out, local Ray) vs the bare encoder, same texts
+  pipeline  end-to-end `embed` (Parquet in, LanceDB out, local Ray) vs the bare encoder and vs
+            sentence-transformers at the pipeline's precision, same texts
   scaling   corpus 1x, 4x, 16x: seconds per 1,000 documents, peak RSS of driver and Ray workers
   memory    an encoder actor's private memory over many calls (no Ray): after each call and peak
   gpu       jina-v3 tokens/s and MFU at 512 and 8192 tokens, whole inputs, late and naive chunking
             (CUDA only; skipped otherwise)
+
+Every comparison with sentence-transformers is like for like: at float32 against its default
+(torch) backend and its ONNX backend, at bfloat16 against its torch backend loaded in bf16. Each
+such row names its precision, the sentence-transformers backend (`st_backend`) and the CPU's
+instruction sets (`isa`: AVX2, AVX-512, AVX512-BF16, AMX-BF16), which decide both sides' speed.
 
   embedlake bench --sections encoder,padding,pipeline,scaling --out docs/bench
 """
@@ -16,7 +23,6 @@ Each figure is repeated (`--repeats`), reported as median and spread (min..max),
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -84,19 +90,34 @@ def count_tokens(encoder, texts: list[str]) -> int:
     return sum(len(x) for x in encoder.tokenizer.encode(texts, [""] * len(texts)))
 
 
+# /proc/cpuinfo flag -> the name result rows give it. The last two multiply bf16 natively, which is
+# what `--precision auto` asks of a CPU (model.loading.BF16_CPU_FLAGS).
+CPU_INSTRUCTION_SETS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                        ("amx_bf16", "AMX-BF16"))
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once for every row; empty where there is none (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_instruction_sets() -> str:
+    """The CPU's vector and matrix instruction sets, e.g. "AVX2+AVX-512+AVX512-BF16", or "none"."""
+    flags = set(_cpuinfo().split())
+    return "+".join(name for flag, name in CPU_INSTRUCTION_SETS if flag in flags) or "none"
+
+
 def machine_description() -> str:
-    """CPU model, core count and whether it multiplies bf16 natively (which decides the CPU precision)."""
+    """CPU model, core count and instruction sets (which decide the CPU precision and its speed)."""
     import platform
 
-    from model.loading import BF16_CPU_FLAGS
-
-    name, cpuinfo = platform.processor() or platform.machine(), ""
-    with contextlib.suppress(OSError):
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), name)
-    flags = set(cpuinfo.split())
-    native = ", ".join(f for f in BF16_CPU_FLAGS if f in flags) or "none"
-    return f"{name}, {os.cpu_count()} cores, native bf16: {native}"
+    model_names = (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name"))
+    name = next(model_names, platform.processor() or platform.machine())
+    return f"{name}, {os.cpu_count()} cores, {cpu_instruction_sets()}"
 
 
 def git_revision() -> str:
@@ -165,31 +186,89 @@ def cpu_precisions() -> list[str]:
     return ["float32", "bfloat16"] if native_bf16 else ["float32"]
 
 
-def bench_encoder(model: str, n: int, repeats: int) -> list[dict]:
-    """Each of our CPU precisions against sentence-transformers' default (fp32, batch 32), interleaved."""
+# The sentence-transformers backends each precision is compared with. Its ONNX backend exports and
+# runs a float32 graph, so at bfloat16 there is only its torch backend, loaded in bf16.
+ST_BACKENDS = {"float32": ("torch", "onnx"), "bfloat16": ("torch",)}
+
+
+def onnx_missing() -> str | None:
+    """Why sentence-transformers' ONNX backend cannot run here, or None when it can."""
+    try:
+        import onnxruntime  # noqa: F401
+        import optimum.onnxruntime  # noqa: F401
+    except ImportError as err:
+        return (f"{err.name} is not installed: sentence-transformers' onnx extra needs optimum-onnx, whose "
+                "releases up to 0.1.0 require transformers < 4.58, and embedlake requires transformers >= 5")
+    return None
+
+
+def load_st(model: str, precision: str, backend: str):
+    """sentence-transformers on CPU computing at `precision` with `backend` ("torch" or "onnx")."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
+    if backend == "onnx":
+        return SentenceTransformer(model, device="cpu", backend="onnx")  # exports a float32 graph on load
+    return SentenceTransformer(model, device="cpu", model_kwargs={"torch_dtype": getattr(torch, precision)})
+
+
+def st_encode(st, texts: list[str]) -> None:
+    st.encode(texts, batch_size=32, show_progress_bar=False)  # batch 32: its default
+
+
+def st_contenders(model: str, precision: str) -> tuple[dict[str, object], list[dict]]:
+    """sentence-transformers at `precision` by backend, and a row with the reason for each backend
+    that cannot run here."""
+    loaded, skipped = {}, []
+    for backend in ST_BACKENDS[precision]:
+        reason = onnx_missing() if backend == "onnx" else None
+        if reason is None:
+            loaded[backend] = load_st(model, precision, backend)
+        else:
+            skipped.append({"precision": precision, "st_backend": backend, "isa": cpu_instruction_sets(),
+                            "skipped": reason})
+    return loaded, skipped
+
+
+def versus_st(ours: list[float], theirs: list[float]) -> dict:
+    """sentence-transformers' rates and our rate over theirs, repeat by repeat (interleaved runs)."""
+    return {"st_tok_s": summarize(theirs), "vs_st": summarize([a / b for a, b in zip(ours, theirs, strict=True)])}
+
+
+def bench_encoder(model: str, n: int, repeats: int) -> list[dict]:
+    """Our encoder against sentence-transformers at the same precision, interleaved: float32 against
+    its torch and ONNX backends; bfloat16, where the CPU multiplies bf16 natively, against its torch
+    backend loaded in bf16."""
     from model import load_encoder
 
+    isa = cpu_instruction_sets()
     ours = {p: load_encoder(model, device="cpu", dtype=p) for p in cpu_precisions()}
-    st = SentenceTransformer(model, device="cpu")
+    theirs: dict[tuple[str, str], object] = {}  # (precision, backend) -> SentenceTransformer
+    skipped = [{"precision": p, "st_backend": b, "isa": isa,
+                "skipped": f"no native bf16 on this CPU ({isa}): `auto` computes float32, bf16 would be emulated"}
+               for p, backends in ST_BACKENDS.items() if p not in ours for b in backends]
+    for p in ours:
+        loaded, unavailable = st_contenders(model, p)
+        theirs |= {(p, b): st for b, st in loaded.items()}
+        skipped += unavailable
     rows = []
     for mix, texts in length_mixes(n).items():
         tokens = count_tokens(ours["float32"], texts)
         for enc in ours.values():  # warm-up
             enc.encode(texts[:64])
-        st.encode(texts[:64], show_progress_bar=False)
+        for st in theirs.values():
+            st_encode(st, texts[:64])
         t_ours: dict[str, list[float]] = {p: [] for p in ours}
-        t_st = []
+        t_st: dict[tuple[str, str], list[float]] = {key: [] for key in theirs}
         for _ in range(repeats):  # interleaved, so drift on a shared machine hits all alike
             for p, enc in ours.items():
                 t_ours[p].append(tokens / timed(enc.encode, texts))
-            t_st.append(tokens / timed(st.encode, texts, batch_size=32, show_progress_bar=False))
-        for p, rates in t_ours.items():
-            ratio = [a / b for a, b in zip(rates, t_st, strict=True)]
-            rows.append({"mix": mix, "precision": p, "texts": len(texts), "tokens": tokens,
-                         "embedlake_tok_s": summarize(rates), "st_tok_s": summarize(t_st), "ratio": summarize(ratio)})
-    return rows
+            for key, st in theirs.items():
+                t_st[key].append(tokens / timed(st_encode, st, texts))
+        for (p, backend), rates in t_st.items():
+            rows.append({"mix": mix, "precision": p, "st_backend": backend, "isa": isa, "texts": len(texts),
+                         "tokens": tokens, "embedlake_tok_s": summarize(t_ours[p]), **versus_st(t_ours[p], rates)})
+    return rows + skipped
 
 
 def bench_padding(model: str, n: int) -> list[dict]:
@@ -248,20 +327,20 @@ def first_job_s(model: str, actors: int, precision: str) -> float:
 
 
 def bench_pipeline(model: str, n: int, repeats: int, actors: int, precision: str) -> list[dict]:
-    """End-to-end `embed` against the bare encoder (overhead) and sentence-transformers (the 2x target).
+    """End-to-end `embed` against the bare encoder (overhead) and against sentence-transformers at
+    the pipeline's precision (the 2x target, like for like), one row per sentence-transformers backend.
 
-    `n` documents per mix (mix texts cycled): large enough that start-up (~10 s) is amortized. The
-    bare encoder runs at the pipeline's precision; sentence-transformers at its default (fp32).
+    `n` documents per mix (mix texts cycled): large enough that start-up (~10 s) is amortized.
     """
     import ray
-    from sentence_transformers import SentenceTransformer
 
     from model import load_encoder
 
     ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     first = first_job_s(model, actors, precision)
     enc = load_encoder(model, device="cpu", dtype=precision)
-    st = SentenceTransformer(model, device="cpu")
+    theirs, skipped = st_contenders(model, enc.precision)
+    isa = cpu_instruction_sets()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mix in ("short", "medium"):
@@ -269,20 +348,24 @@ def bench_pipeline(model: str, n: int, repeats: int, actors: int, precision: str
             texts = [base[i % len(base)] for i in range(n)]
             _write_corpus(texts, Path(tmp) / mix)
             tokens = count_tokens(enc, texts)
-            enc.encode(texts[:64]), st.encode(texts[:64], show_progress_bar=False)
-            e2e, bare, ref = [], [], []
+            enc.encode(texts[:64])
+            for st in theirs.values():
+                st_encode(st, texts[:64])
+            e2e, bare = [], []
+            ref: dict[str, list[float]] = {backend: [] for backend in theirs}
             for _ in range(repeats):
                 report = _run_pipeline(model, Path(tmp) / mix, Path(tmp) / "db", actors, precision)
                 e2e.append(report["tokens"] / report["wall_s"])
                 bare.append(tokens / timed(enc.encode, texts))
-                ref.append(tokens / timed(st.encode, texts, batch_size=32, show_progress_bar=False))
-            overhead = [1 - a / b for a, b in zip(e2e, bare, strict=True)]
-            vs_st = [a / b for a, b in zip(e2e, ref, strict=True)]
-            rows.append({"mix": mix, "precision": enc.precision, "documents": len(texts),
-                         "tokens": tokens, "pipeline_tok_s": summarize(e2e), "bare_encoder_tok_s": summarize(bare),
-                         "overhead": summarize(overhead), "st_tok_s": summarize(ref), "pipeline_vs_st": summarize(vs_st),
-                         "first_job_1000_docs_s": first})
-    return rows
+                for backend, st in theirs.items():
+                    ref[backend].append(tokens / timed(st_encode, st, texts))
+            overhead = summarize([1 - a / b for a, b in zip(e2e, bare, strict=True)])
+            for backend, rates in ref.items():
+                rows.append({"mix": mix, "precision": enc.precision, "st_backend": backend, "isa": isa,
+                             "documents": len(texts), "tokens": tokens, "pipeline_tok_s": summarize(e2e),
+                             "bare_encoder_tok_s": summarize(bare), "overhead": overhead, **versus_st(e2e, rates),
+                             "first_job_1000_docs_s": first})
+    return rows + skipped
 
 
 def bench_scaling(model: str, base: int, actors: int, precision: str) -> list[dict]:
@@ -431,7 +514,7 @@ def to_markdown(results: dict) -> str:
         if not rows:
             continue
         out.append(f"\n### {section}\n")
-        keys = list(rows[0].keys())
+        keys = list(dict.fromkeys(k for r in rows for k in r))  # skipped rows carry fewer keys
         out.append("| " + " | ".join(keys) + " |")
         out.append("|" + "---|" * len(keys))
         for r in rows:
@@ -448,8 +531,9 @@ def register_bench(subparsers) -> None:
     p.add_argument("--texts", type=int, default=2000, help="texts per length mix (default: 2000)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per figure (default: 3)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="compute precision of pipeline runs (default: auto, as `embed`); the encoder section runs "
-                        "float32 and, where the CPU multiplies bf16 natively, bfloat16")
+                   help="compute precision of pipeline runs and of the sentence-transformers they are compared "
+                        "with (default: auto, as `embed`); the encoder section runs float32 and, where the CPU "
+                        "multiplies bf16 natively, bfloat16, each against sentence-transformers at that precision")
     p.add_argument("--actors", type=int, default=1, help="encoder actors in pipeline runs (default: 1)")
     p.add_argument("--pipeline-docs", type=int, default=20000, help="documents per mix in the pipeline section (default: 20000)")
     p.add_argument("--scaling-base", type=int, default=20000,

@@ -90,8 +90,25 @@ def test_varlen_reference_matches_block_diagonal_attention():
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
 
-def test_packed_stats_count_no_padding(encoders):
-    _, packed = encoders
-    packed.stats.real_tokens = packed.stats.computed_tokens = 0
-    packed.encode(_texts())
-    assert packed.stats.padding_efficiency == 1.0
+def _tokens_fed(enc, texts: list[str]) -> int:
+    """Encode `texts` with fresh stats; return the token ids the model was fed, (T,) packed or (B, L) padded."""
+    fed: list[int] = []
+    hook = enc.model.embeddings.register_forward_pre_hook(lambda _module, args: fed.append(args[0].numel()))
+    enc.stats.real_tokens = enc.stats.computed_tokens = 0
+    try:
+        enc.encode(texts)
+    finally:
+        hook.remove()
+    return sum(fed)
+
+
+def test_stats_count_the_tokens_the_model_computes(encoders):
+    """The stats against the ids the model is actually fed: packed computes the real tokens and no
+    more, padded computes rows x longest."""
+    texts = _texts()
+    for enc in encoders:
+        fed = _tokens_fed(enc, texts)
+        assert enc.stats.real_tokens == sum(len(ids) for ids in enc.tokenizer.encode(texts, [""] * len(texts)))
+        assert enc.stats.computed_tokens == fed
+    padded, packed = encoders
+    assert packed.stats.computed_tokens == packed.stats.real_tokens < padded.stats.computed_tokens
