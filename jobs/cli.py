@@ -6,170 +6,210 @@ Launch the embed job:
                       python -m jobs.embed --input s3://bucket/corpus/ --output s3://bucket/lancedb \\
                       --table docs --model s3://bucket/models/jina-embeddings-v3 --dims 1024,256,64
   KubeRay:          see infra/kuberay/rayjob-embed.yaml (entrypoint `python -m jobs.embed ...`)
+
+Job options are the fields of pipeline.config's dataclasses: their flag names, defaults, choices and checks live
+there, once. A subcommand that runs a job (say `reembed`) calls `add_job_arguments(parser)`, adds its own flags,
+then `build_config(merge_options(args))` after popping its own options, as `cmd_embed` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import PRECISIONS
+from pipeline.config import (
+    ChunkingConfig,
+    EncodeConfig,
+    JobConfig,
+    SinkConfig,
+    SourceConfig,
+    check_value,
+    field_types,
+    flag_of,
+    without_none,
+)
 
-EMBED_DEFAULTS = {
-    "id_column": "id",
-    "text_column": "text",
-    "title_column": None,
-    "keep_columns": "",
-    "task": None,
-    "dims": "",
-    "vector_dtype": "float32",
-    "precision": "auto",
-    "chunking": "none",
-    "chunk_tokens": 256,
-    "chunk_sentences": 5,
-    "late_chunking": True,
-    "max_length": None,
-    "overlap": None,
-    "mode": "create",
-    "max_batch_tokens": None,
-    "actors": None,
-    "cpus_per_actor": 1.0,
-    "sort_window": 4096,
-    "index": False,
-    "storage_option": [],
-    "commit_every_rows": 100_000,
-    "dry_run": False,
-    "tokens_per_second": None,
-}
-REQUIRED = ("input", "output", "table", "model")
+CONFIGS = (SourceConfig, EncodeConfig, ChunkingConfig, SinkConfig)  # the configs a job's options fill
+NOT_OPTIONS = ("config", "command", "func")  # parser entries that are no job option
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+# option name (flag without dashes, '_' for '-') -> (config class, field): the one map from options to configs
+OPTION_FIELDS = {_dest(flag_of(f)): (cls, f) for cls in CONFIGS for f in dataclasses.fields(cls)}
+
+
+def _add_option(group, flag: str, help: str, **kwargs) -> None:
+    """A flag that sets a config field; its choices and the default in its help come from the field.
+
+    Flags stay text (no argparse `type` or `choices`): the config dataclass checks them, as it checks YAML.
+    """
+    cls, f = OPTION_FIELDS[_dest(flag)]
+    kind = field_types(cls)[f.name]
+    if typing.get_origin(kind) is Literal:
+        kwargs.setdefault("metavar", "{" + ",".join(typing.get_args(kind)) + "}")
+    if f.default not in (dataclasses.MISSING, None, ()) and not isinstance(f.default, bool):
+        help = f"{help} (default: {f.default})"
+    group.add_argument(flag, help=help, **kwargs)
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of any job that embeds a source into a table: source, model, chunking, output.
+
+    A subcommand adds these, then its own flags; `merge_options` + `build_config` turn them into a `JobConfig`
+    (an option it does not add keeps the config's default).
+    """
+    # Every flag defaults to None here: the defaults stay in the config dataclasses (see merge_options).
+    p.add_argument("--config", help="YAML file with any of these options (keys as flag names, '-' or '_'); flags override it")
+    source = p.add_argument_group("source")
+    _add_option(source, "--input", "Parquet directory, glob or URL (local, s3://..., any fsspec URL)")
+    _add_option(source, "--id-column", "document id column")
+    _add_option(source, "--text-column", "text column")
+    _add_option(source, "--title-column", "optional title column; the embedded text is title + ' ' + text")
+    _add_option(source, "--keep-columns", "comma-separated input columns to carry into the table")
+
+    model = p.add_argument_group("model and encoding")
+    _add_option(model, "--model", "model directory, fsspec URL of one, or Hugging Face hub id (cached)")
+    _add_option(model, "--task", "task adapter/instruction (default: retrieval.passage for jina-v3, none otherwise)")
+    _add_option(model, "--dims", "comma-separated Matryoshka dims, one vector column each (default: the full dim)")
+    _add_option(model, "--vector-dtype", "stored vector type")
+    _add_option(model, "--precision", "compute precision: auto = bfloat16 on CUDA and on CPUs with AMX or "
+                                      "AVX512-BF16, else float32; float32 gives reference-exact vectors")
+    _add_option(model, "--max-batch-tokens", "token budget per forward pass (default: the encoder's for its "
+                                             "device; --dry-run prints it)")
+    _add_option(model, "--actors", "encoder actors (default: one per GPU, or a CPU count on CPU-only clusters)")
+    _add_option(model, "--cpus-per-actor", "CPUs per encoder actor")
+    _add_option(model, "--sort-window", "documents per encoder call, length-sorted inside")
+
+    chunking = p.add_argument_group("chunking")
+    _add_option(chunking, "--chunking", "how documents are cut into chunks")
+    _add_option(chunking, "--chunk-tokens", "tokens per chunk with --chunking fixed")
+    _add_option(chunking, "--chunk-sentences", "sentences per chunk with --chunking sentences")
+    _add_option(chunking, "--late-chunking", "pool chunks from whole-document token states (default when chunking)",
+                action="store_true", default=None)
+    chunking.add_argument("--no-late-chunking", dest="late_chunking", action="store_false",
+                          help="encode each chunk on its own (naive chunking)")
+    _add_option(chunking, "--max-length", "tokens per model window (default: the model maximum)")
+    _add_option(chunking, "--overlap", "long late chunking window overlap in tokens (default: min(512, window/4))")
+
+    output = p.add_argument_group("output")
+    _add_option(output, "--output", "LanceDB URI: local path or s3://bucket/prefix")
+    _add_option(output, "--table", "table name in the LanceDB database")
+    _add_option(output, "--index", "build an ANN index on each vector column after the write",
+                action="store_true", default=None)
+    _add_option(output, "--commit-every-rows", "rows per atomic commit window")
+    _add_option(output, "--commit-every-s", "seconds per atomic commit window (whichever of rows or seconds comes first)")
+    output.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="object store option for the reader and LanceDB (repeatable), e.g. endpoint=http://127.0.0.1:9000")
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
-    # Defaults are applied after merging the config file, so every flag defaults to None here.
-    p.add_argument("--config", help="YAML file with any of these options (keys as flag names, '-' or '_'); flags override it")
-    p.add_argument("--input", help="Parquet directory, glob or URL (local, s3://..., any fsspec URL)")
-    p.add_argument("--output", help="LanceDB URI: local path or s3://bucket/prefix")
-    p.add_argument("--table", help="table name in the LanceDB database")
-    p.add_argument("--model", help="model directory, fsspec URL of one, or Hugging Face hub id (cached)")
-    p.add_argument("--id-column", help="document id column (default: id)")
-    p.add_argument("--text-column", help="text column (default: text)")
-    p.add_argument("--title-column", help="optional title column; the embedded text is title + ' ' + text")
-    p.add_argument("--keep-columns", help="comma-separated input columns to carry into the table")
-    p.add_argument("--task", help="task adapter/instruction (default: retrieval.passage for jina-v3, none otherwise)")
-    p.add_argument("--dims", help="comma-separated Matryoshka dims, one vector column each (default: the full dim)")
-    p.add_argument("--vector-dtype", choices=["float32", "float16"], help="stored vector type (default: float32)")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="compute precision (default: auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32; "
-                        "float32 gives reference-exact vectors)")
-    p.add_argument("--chunking", choices=["none", "fixed", "sentences"], help="chunking (default: none)")
-    p.add_argument("--chunk-tokens", type=int, help="tokens per chunk with --chunking fixed (default: 256)")
-    p.add_argument("--chunk-sentences", type=int, help="sentences per chunk with --chunking sentences (default: 5)")
-    p.add_argument("--late-chunking", dest="late_chunking", action="store_true", default=None,
-                   help="pool chunks from whole-document token states (default when chunking)")
-    p.add_argument("--no-late-chunking", dest="late_chunking", action="store_false",
-                   help="encode each chunk on its own (naive chunking)")
-    p.add_argument("--max-length", type=int, help="tokens per model window (default: the model maximum)")
-    p.add_argument("--overlap", type=int, help="long late chunking window overlap in tokens (default: min(512, window/4))")
-    p.add_argument("--mode", choices=["create", "append", "overwrite"], help="table write mode (default: create, fails if it exists)")
-    p.add_argument("--max-batch-tokens", type=int, help="token budget per forward pass (default: 65536 on GPU, 16384 on CPU)")
-    p.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, or a CPU count on CPU-only clusters)")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs per encoder actor (default: 1)")
-    p.add_argument("--sort-window", type=int, help="documents per encoder call, length-sorted inside (default: 4096)")
-    p.add_argument("--index", action="store_true", default=None, help="build an ANN index on each vector column after the write")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="object store option for the reader and LanceDB (repeatable), e.g. endpoint=http://127.0.0.1:9000")
-    p.add_argument("--commit-every-rows", type=int, help="rows per atomic commit window (default: 100000)")
-    p.add_argument("--dry-run", action="store_true", default=None, help="print the plan and an estimate; start no encoders")
-    p.add_argument("--tokens-per-second", type=float, help="per-actor throughput for the --dry-run estimate")
+    """`embed`: the job options, its write mode and the dry run."""
+    add_job_arguments(p)
+    embed = p.add_argument_group("embed")
+    _add_option(embed, "--mode", "table write mode; create fails if the table exists")
+    embed.add_argument("--dry-run", action="store_true", default=None, help="print the plan and an estimate; start no encoders")
+    embed.add_argument("--tokens-per-second", help="per-actor throughput for the --dry-run estimate")
 
 
 def merge_options(args: argparse.Namespace) -> dict:
-    """Defaults <- config file <- flags given on the command line."""
-    opts = dict(EMBED_DEFAULTS)
+    """The options given: the config file's, overridden by flags given on the command line.
+
+    An option given nowhere is absent, so it keeps the config dataclass's default.
+    """
+    known = {k for k in vars(args) if k not in NOT_OPTIONS}
+    opts = {}
     if args.config:
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise SystemExit(f"{args.config}: expected a mapping of option names to values")
+            raise ValueError(f"{args.config}: expected a mapping of option names to values, got {loaded!r}")
         for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in opts and name not in REQUIRED:
-                raise SystemExit(f"{args.config}: unknown option {key!r}")
+            name = str(key).replace("-", "_")
+            if name not in known:
+                valid = ", ".join(sorted(k.replace("_", "-") for k in known))
+                raise ValueError(f"{args.config}: unknown option {key!r}; valid options: {valid}")
             opts[name] = value
-    for key, value in vars(args).items():
-        if value is not None and key not in ("config", "command", "func"):
-            opts[key] = value
-    missing = [f"--{k}" for k in REQUIRED if not opts.get(k)]
-    if missing:
-        raise SystemExit(f"missing required options: {', '.join(missing)}")
+    opts.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+    required = [flag_of(f) for dest, (_, f) in OPTION_FIELDS.items()
+                if f.default is dataclasses.MISSING and dest in known and opts.get(dest) in (None, "")]
+    if required:
+        raise ValueError(f"missing required options: {', '.join(required)}")
     return opts
 
 
-def _csv(value) -> tuple[str, ...]:
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v).strip() for v in value if str(v).strip())
-    return tuple(v.strip() for v in str(value or "").split(",") if v.strip())
+def read_text(value: Any, kind: Any) -> Any:
+    """Flags are text, and YAML values may be: read a number, or a comma-separated list, where the option is
+    one. Anything else is left as it is, for the config's check to accept or refuse with its one message."""
+    kind = without_none(kind)
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, dict)):
+            value = [value]  # one value for a list option: `dims: 256` means what `--dims 256` means
+        return tuple(read_text(v, typing.get_args(kind)[0]) for v in value) if isinstance(value, list) else value
+    if kind in (int, float) and isinstance(value, str):
+        for number in (int, float):  # "1.5" for an integer option reads 1.5, as YAML reads it
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
 
 
-def build_config(opts: dict):
-    from pipeline.config import ChunkingConfig, EncodeConfig, JobConfig, SinkConfig, SourceConfig
+def _storage_options(value: Any) -> Any:
+    """`--storage-option KEY=VALUE` flags, or in YAML one such string, a list of them or a mapping."""
     from pipeline.storage import parse_storage_options
 
-    try:
-        dims = tuple(int(d) for d in _csv(opts["dims"]))
-    except ValueError as err:
-        raise SystemExit(f"--dims must be comma-separated integers: {err}") from None
-    storage = opts["storage_option"]
-    storage = parse_storage_options(storage) if isinstance(storage, list) else {str(k): str(v) for k, v in storage.items()}
+    if isinstance(value, (str, list)):
+        return parse_storage_options([str(v) for v in ([value] if isinstance(value, str) else value)])
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    return value  # JobConfig refuses it
+
+
+def build_config(opts: dict) -> JobConfig:
+    """The job's configs from `merge_options`' options; the configs check every value.
+
+    A subcommand's own options (like embed's --dry-run) are popped from `opts` before this.
+    """
+    extra = sorted(set(opts) - set(OPTION_FIELDS) - {"storage_option"})
+    if extra:
+        raise TypeError(f"build_config got options that set no config field: {extra} (this is a bug)")
+    given: dict[type, dict] = {cls: {} for cls in CONFIGS}
+    for dest, value in opts.items():
+        if dest != "storage_option":
+            cls, f = OPTION_FIELDS[dest]
+            given[cls][f.name] = read_text(value, field_types(cls)[f.name])
+    storage = {"storage_options": _storage_options(opts["storage_option"])} if "storage_option" in opts else {}
     return JobConfig(
-        source=SourceConfig(
-            input=str(opts["input"]),
-            id_column=opts["id_column"],
-            text_column=opts["text_column"],
-            title_column=opts["title_column"],
-            keep_columns=_csv(opts["keep_columns"]),
-        ),
-        encode=EncodeConfig(
-            model=str(opts["model"]),
-            task=opts["task"],
-            dims=dims,
-            vector_dtype=opts["vector_dtype"],
-            precision=opts["precision"],
-            max_batch_tokens=opts["max_batch_tokens"],
-            actors=opts["actors"],
-            cpus_per_actor=float(opts["cpus_per_actor"]),
-            sort_window=int(opts["sort_window"]),
-        ),
-        sink=SinkConfig(
-            db=str(opts["output"]),
-            table=str(opts["table"]),
-            mode=opts["mode"],
-            index=bool(opts["index"]),
-            commit_every_rows=int(opts["commit_every_rows"]),
-        ),
-        chunking=ChunkingConfig(
-            mode=opts["chunking"],
-            chunk_tokens=int(opts["chunk_tokens"]),
-            chunk_sentences=int(opts["chunk_sentences"]),
-            late=bool(opts["late_chunking"]),
-            max_length=opts["max_length"],
-            overlap=opts["overlap"],
-        ),
-        storage_options=storage,
+        source=SourceConfig(**given[SourceConfig]),
+        encode=EncodeConfig(**given[EncodeConfig]),
+        sink=SinkConfig(**given[SinkConfig]),
+        chunking=ChunkingConfig(**given[ChunkingConfig]),
+        **storage,
     )
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     opts = merge_options(args)
+    dry_run = opts.pop("dry_run", False)
+    tokens_per_second = read_text(opts.pop("tokens_per_second", None), float | None)
+    check_value("--dry-run", dry_run, bool)
     cfg = build_config(opts)
-    if opts["dry_run"]:
+    if dry_run:
         from pipeline.plan import format_plan, plan_job
 
-        print(format_plan(plan_job(cfg, tokens_per_second=opts["tokens_per_second"])))
+        print(format_plan(plan_job(cfg, tokens_per_second=tokens_per_second)))
         return 0
     from pipeline.report import format_report
     from pipeline.run import run_job

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model import chunk_spans, describe_model
-from pipeline.config import JobConfig
+from model.loading import DEFAULT_MAX_BATCH_TOKENS
+from pipeline.config import JobConfig, check_value
 from pipeline.prepare import embedded_text
 from pipeline.read import list_files
 from pipeline.run import resolve
@@ -36,6 +37,7 @@ def _local_cluster() -> dict:
 
 
 def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
+    check_value("--tokens-per-second", tokens_per_second, float | None, above=0)
     job = resolve(cfg, cluster=_local_cluster())
     files = list_files(cfg.source, job.storage)
     fs = job.storage.fsspec_filesystem(files[0])
@@ -69,7 +71,7 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
     est_chunks = mean_chunks * docs
     device = "gpu" if job.gpus_per_actor else "cpu"
     tps = tokens_per_second or DEFAULT_TOKENS_PER_S[device]
-    budget = cfg.encode.max_batch_tokens or (65536 if device == "gpu" else 16384)
+    budget = cfg.encode.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS["cuda" if device == "gpu" else "cpu"]
     vec_bytes = sum(job.dims) * (2 if cfg.encode.vector_dtype == "float16" else 4)
     text_bytes = (float(np.mean(chars)) / max(mean_chunks, 1)) if chars else 0.0
     return {

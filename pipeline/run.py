@@ -23,7 +23,6 @@ import pyarrow as pa
 import ray
 
 from model import EncoderInfo, TextTokenizer, describe_model
-from model.loading import check_precision
 from pipeline.commit import LanceCommitter, Mode, Resume
 from pipeline.config import JobConfig
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
@@ -58,8 +57,6 @@ class ResolvedJob:
 
 
 def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
-    cfg.chunking.validate()
-    check_precision(cfg.encode.precision)
     storage = StorageConfig.from_env(cfg.storage_options)
     described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
     info = described.info
@@ -76,8 +73,6 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     resources = cluster if cluster is not None else ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
-    if cfg.encode.actors is not None and cfg.encode.actors < 1:
-        raise ValueError(f"--actors must be >= 1, got {cfg.encode.actors}")
     default_actors = gpus if gpus else max(1, int(cpus // 2 // max(cfg.encode.cpus_per_actor, 1)))
     actors = cfg.encode.actors or default_actors
     # A CPU actor reserves `cpus_per_actor` for scheduling but computes with its share of the cluster's

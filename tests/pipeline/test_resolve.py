@@ -28,7 +28,3 @@ def test_layout_follows_the_cluster(cluster, encode, want):
     job = resolve(_cfg(**encode), cluster=cluster)
     assert (job.actors, job.gpus_per_actor, job.cpu_threads, job.prepare_tasks) == want
 
-
-def test_actors_must_be_positive():
-    with pytest.raises(ValueError, match="--actors must be >= 1"):
-        resolve(_cfg(actors=0), cluster={"CPU": 2})
