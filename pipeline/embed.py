@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import torch
 
 from model import load_encoder
-from pipeline.prepare import CHAR_SPANS, FIRST_CHUNK, IDS, REJECT, TOKEN_SPANS
+from pipeline.prepare import CHAR_SPANS, DOC_CHUNKS, FIRST_CHUNK, IDS, REJECT, TOKEN_SPANS
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class EmbedStage:
         }
         for name in batch.column_names:  # carry upstream stats (sums) on the first output row
             numeric = pa.types.is_integer(batch[name].type) or pa.types.is_floating(batch[name].type)
-            if name.startswith("_") and numeric and name != FIRST_CHUNK:
+            if name.startswith("_") and numeric and name not in (FIRST_CHUNK, DOC_CHUNKS):  # per-row, not stats
                 stats[name] = pc.sum(batch[name]).as_py() or 0
         release_free_memory()
         n = out.num_rows
@@ -184,13 +184,14 @@ class EmbedStage:
         for c in self.spec.keep_columns:
             cols[c] = units[c].take(take)
         cols[REJECT] = pa.nulls(len(chunk), pa.string())
+        cols[DOC_CHUNKS] = units[DOC_CHUNKS].take(take)
         return pa.table(cols)
 
     def _passthrough(self, rejected: pa.Table, schema: pa.Schema) -> pa.Table:
-        """Rejected units as rows of the output schema: nulls everywhere but id, reason and kept columns."""
+        """Rejected units as rows of the output schema: nulls everywhere but id, reason, `_doc_chunks` (0), kept columns."""
         cols = {}
         for f in schema:
-            if f.name == "id" or f.name == REJECT or f.name in self.spec.keep_columns:
+            if f.name in ("id", REJECT, DOC_CHUNKS) or f.name in self.spec.keep_columns:
                 cols[f.name] = rejected[f.name].cast(f.type)
             elif f.name == "chunk":
                 cols[f.name] = pa.array(np.zeros(rejected.num_rows, np.int32))
