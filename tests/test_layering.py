@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "model": {"ray", "lancedb", "lance", "lance_ray", "pipeline", "jobs"},
+    "model": {"ray", "lancedb", "lance", "pipeline", "jobs"},
     "pipeline": {"jobs"},
 }
 
