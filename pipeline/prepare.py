@@ -6,13 +6,15 @@ are reported by the writer. Units are:
 - chunking none: one per document (truncated at the window, recorded in `_truncated`);
 - naive chunking: one per chunk, each chunk text encoded on its own;
 - late chunking: one per document, whole (no truncation), with the token spans of its chunks.
+Every unit carries `_doc_chunks`, its document's chunk count in any mode, so a writer can tell when
+all of a document's chunk rows have arrived.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +29,7 @@ IDS = "_ids"  # list<int32> model input token ids of the unit
 CHAR_SPANS = "_char_spans"  # list<int32> flat [s0, e0, s1, e1, ...] character spans into `text`
 TOKEN_SPANS = "_token_spans"  # list<int32> flat token spans (late chunking only)
 FIRST_CHUNK = "_first_chunk"  # int32 chunk index of the unit's first span
-DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the unit's whole document (0 when rejected): all there when counted
+DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the unit's document (0 if rejected): how many rows make it whole
 REJECT = "_reject_reason"
 
 
@@ -117,12 +119,12 @@ class _Units:
         self.columns: dict[str, list] = {name: [] for name in self.TYPES}
         self.rows: list[int] = []  # each unit's row in the input batch
 
-    def add(self, doc: _Doc, ids: list[int], spans: Sequence[CharSpan], *, token_spans: list[int] | None = None,
+    def add(self, doc: _Doc, ids: list[int], spans: Sequence[CharSpan], *, tspans: list[int] | None = None,
             first_chunk: int = 0, doc_chunks: int | None = None, truncated: int = 0) -> None:
         """One unit of `doc` covering its chunks `spans`; `doc_chunks` defaults to their count."""
         self._append(doc.row, {
             "id": doc.id, "text": doc.text, "content_hash": doc.content_hash, IDS: ids,
-            CHAR_SPANS: [x for span in spans for x in span], TOKEN_SPANS: token_spans or [],
+            CHAR_SPANS: [x for span in spans for x in span], TOKEN_SPANS: tspans or [],
             FIRST_CHUNK: first_chunk, DOC_CHUNKS: len(spans) if doc_chunks is None else doc_chunks, REJECT: None,
             "_docs": int(first_chunk == 0), "_truncated": truncated,
         })
@@ -180,10 +182,13 @@ def _late_units(docs: Sequence[_Doc], tok: TextTokenizer, prefix: str, ch: Chunk
     for doc in docs:
         spans = _spans(tok, doc.text, ch)
         encoded = tok.encode_with_offsets([doc.text], [prefix])[0]
-        units.add(doc, encoded.ids.tolist(), spans, token_spans=token_spans(encoded, spans).ravel().tolist())
+        units.add(doc, encoded.ids.tolist(), spans, tspans=token_spans(encoded, spans).ravel().tolist())
 
 
-def _units_for(ch: ChunkingConfig):
+UnitBuilder = Callable[[Sequence[_Doc], TextTokenizer, str, ChunkingConfig, _Units], None]
+
+
+def _units_for(ch: ChunkingConfig) -> UnitBuilder:
     """The unit builder of a chunking mode (the one dispatch on it)."""
     if ch.mode == "none":
         return _whole_units
