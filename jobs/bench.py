@@ -45,7 +45,7 @@ from pipeline.config import PRECISIONS
 
 
 def _sts_sentences() -> list[str]:
-    from pipeline.evaluation import load_sts_pairs  # imports LanceDB: not needed by the gpu section
+    from pipeline.eval.retrieval import load_sts_pairs  # imports LanceDB: not needed by the gpu section
 
     left, right, _ = load_sts_pairs(shared_data() / "stsbenchmark" / "sts-test.csv")
     return list(dict.fromkeys(s for pair in zip(left, right, strict=True) for s in pair))

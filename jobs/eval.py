@@ -6,7 +6,7 @@
   embedlake eval qmsum --model <dir> [--data test.jsonl] [--limit 3] [--chunk-turns N | --chunk-tokens N] \\
       [--long-late 256:128 ...] [--json [out.json]]
 
-Build a BEIR table first: `corpus_to_parquet` (pipeline.evaluation) writes corpus.jsonl as Parquet, then
+Build a BEIR table first: `corpus_to_parquet` (pipeline.eval.retrieval) writes corpus.jsonl as Parquet, then
 `embedlake embed --input corpus.parquet --title-column title ...`. `--json` alone prints JSON instead
 of the table; `--json PATH` writes it to PATH as well.
 """
@@ -61,7 +61,7 @@ def _long_late(value: str) -> tuple[int, int]:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from pipeline.evaluation import RETRIEVAL_METRICS, evaluate_retrieval, load_qrels, load_queries
+    from pipeline.eval.retrieval import RETRIEVAL_METRICS, evaluate_retrieval, load_qrels, load_queries
     from pipeline.storage import parse_storage_options
 
     result = evaluate_retrieval(args.db, args.table, load_queries(args.queries), load_qrels(args.qrels),
@@ -76,7 +76,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_sts(args: argparse.Namespace) -> int:
-    from pipeline.evaluation import evaluate_sts
+    from pipeline.eval.retrieval import evaluate_sts
     from pipeline.storage import parse_storage_options
 
     data = args.data or str(shared_data() / "stsbenchmark" / "sts-test.csv")
@@ -89,7 +89,7 @@ def cmd_sts(args: argparse.Namespace) -> int:
 
 def cmd_qmsum(args: argparse.Namespace) -> int:
     from model import load_encoder
-    from pipeline.qmsum_study import StudyConfig, run_study
+    from pipeline.eval.qmsum import StudyConfig, run_study
     from pipeline.storage import StorageConfig
 
     cfg = StudyConfig(

@@ -1,21 +1,22 @@
 """--dry-run: list the input, sample documents, and estimate tokens, chunks, output size and time.
 
-Starts no encoders: only Parquet footers are read in full; a sample of documents is tokenized and
-chunked with the model's tokenizer to extrapolate.
+Starts no encoders: only Parquet footers are read in full; a sample of documents goes through the
+prepare stage's own code (`prepare_units`: tokenize, chunk, reject) and its counts are extrapolated.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from model import chunk_spans, describe_model
 from model.loading import DEFAULT_MAX_BATCH_TOKENS
 from pipeline.config import JobConfig, check_value
-from pipeline.prepare import embedded_text
+from pipeline.prepare import CHAR_SPANS, IDS, prepare_units
 from pipeline.read import list_files
 from pipeline.run import resolve
 from pipeline.storage import url_path
@@ -36,50 +37,51 @@ def _local_cluster() -> dict:
     return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
 
 
+def _sample_units(units: pa.Table) -> dict[str, int]:
+    """Documents, tokens, chunks and chunk characters of prepared units (rejected units count nothing)."""
+    spans = pc.list_flatten(units[CHAR_SPANS]).to_numpy().reshape(-1, 2)
+    return {
+        "documents": int(pc.sum(units["_docs"]).as_py() or 0),
+        "tokens": int(pc.sum(pc.list_value_length(units[IDS])).as_py() or 0),
+        "chunks": len(spans),
+        "chars": int((spans[:, 1] - spans[:, 0]).sum()),
+    }
+
+
 def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
     check_value("--tokens-per-second", tokens_per_second, float | None, above=0)
     job = resolve(cfg, cluster=_local_cluster())
     files = list_files(cfg.source, job.storage)
     fs = job.storage.fsspec_filesystem(files[0])
-    rows_per_file, sample = [], []
+    # The sample goes through the prepare stage's own code, so its tokens and chunks are the job's.
+    tok = job.tokenizer.with_max_length(job.window)
+    rows_per_file, sampled = [], Counter()
     for f in files:
         with fs.open(url_path(f), "rb") as fh:
             pf = pq.ParquetFile(fh)
             rows_per_file.append(pf.metadata.num_rows)
-            if len(sample) < SAMPLE_DOCS and pf.metadata.num_rows:
-                batch = next(pf.iter_batches(batch_size=SAMPLE_DOCS - len(sample), columns=cfg.source.columns))
-                sample.extend(pa.Table.from_batches([batch]).to_pylist())
-    tok = describe_model(cfg.encode.model, revision=job.info.revision).tokenizer
-    prefix = tok.prefix(job.task)
-    tokens, chunks, chars = [], [], []
-    for row in sample:
-        text = row.get(cfg.source.text_column)
-        if not isinstance(text, str) or not text.strip():
-            continue
-        text = embedded_text(text, row.get(cfg.source.title_column) if cfg.source.title_column else None)
-        n = len(tok.encode_with_offsets([text], [prefix])[0].ids)
-        spans = chunk_spans(tok, text, cfg.chunking.mode, chunk_tokens=cfg.chunking.chunk_tokens,
-                            chunk_sentences=cfg.chunking.chunk_sentences)
-        late = cfg.chunking.late and cfg.chunking.mode != "none"
-        tokens.append(n if late else min(n, job.window) if cfg.chunking.mode == "none" else n + len(spans) * (len(tok.encode([""], [prefix])[0])))
-        chunks.append(len(spans))
-        chars.append(sum(e - s for s, e in spans))
+            if sampled["rows"] < SAMPLE_DOCS and pf.metadata.num_rows:
+                batch = next(pf.iter_batches(batch_size=SAMPLE_DOCS - sampled["rows"], columns=cfg.source.columns))
+                units = prepare_units(pa.Table.from_batches([batch]), source=cfg.source, chunking=cfg.chunking,
+                                      tokenizer=tok, task=job.task)
+                sampled.update(_sample_units(units), rows=batch.num_rows)
     docs = sum(rows_per_file)
-    mean_tokens = float(np.mean(tokens)) if tokens else 0.0
-    mean_chunks = float(np.mean(chunks)) if chunks else 1.0
-    est_tokens = mean_tokens * docs
-    est_chunks = mean_chunks * docs
+    # Per sampled row, rejected rows included: a corpus sampled whole is estimated exactly.
+    est_tokens = sampled["tokens"] * docs / sampled["rows"] if sampled["rows"] else 0.0
+    est_chunks = sampled["chunks"] * docs / sampled["rows"] if sampled["rows"] else 0.0
+    mean_tokens = sampled["tokens"] / sampled["documents"] if sampled["documents"] else 0.0
+    mean_chunks = sampled["chunks"] / sampled["documents"] if sampled["documents"] else 1.0
     device = "gpu" if job.gpus_per_actor else "cpu"
     tps = tokens_per_second or DEFAULT_TOKENS_PER_S[device]
     budget = cfg.encode.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS["cuda" if device == "gpu" else "cpu"]
     vec_bytes = sum(job.dims) * (2 if cfg.encode.vector_dtype == "float16" else 4)
-    text_bytes = (float(np.mean(chars)) / max(mean_chunks, 1)) if chars else 0.0
+    text_bytes = sampled["chars"] / sampled["chunks"] if sampled["chunks"] else 0.0
     return {
         "input": cfg.source.input,
         "files": files,
         "rows_per_file": rows_per_file,
         "documents": docs,
-        "sampled_documents": len(tokens),
+        "sampled_documents": sampled["documents"],
         "mean_tokens_per_document": round(mean_tokens, 1),
         "mean_chunks_per_document": round(mean_chunks, 2),
         "estimated_tokens": int(est_tokens),

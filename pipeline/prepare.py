@@ -6,18 +6,23 @@ are reported by the writer. Units are:
 - chunking none: one per document (truncated at the window, recorded in `_truncated`);
 - naive chunking: one per chunk, each chunk text encoded on its own;
 - late chunking: one per document, whole (no truncation), with the token spans of its chunks.
+Every unit carries `_doc_chunks`, its document's chunk count in any mode, so a writer can tell when
+all of a document's chunk rows have arrived.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from model import TextTokenizer, chunk_spans, token_spans
+from model.tokenization import CharSpan
 from pipeline.config import ChunkingConfig, SourceConfig
 from pipeline.diff import UNCHANGED, LookupSpec, statuses
 
@@ -26,9 +31,9 @@ IDS = "_ids"  # list<int32> model input token ids of the unit
 CHAR_SPANS = "_char_spans"  # list<int32> flat [s0, e0, s1, e1, ...] character spans into `text`
 TOKEN_SPANS = "_token_spans"  # list<int32> flat token spans (late chunking only)
 FIRST_CHUNK = "_first_chunk"  # int32 chunk index of the unit's first span
+DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the unit's document (0 if rejected): how many rows make it whole
 REJECT = "_reject_reason"  # null = accepted; otherwise why the row was not embedded
-STATUS = "_status"  # new | changed | unchanged against the table the run resumes or updates (null: new)
-DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the row's document: the committer keeps documents whole
+STATUS = "_status"  # new | changed | unchanged against the table the run resumes or updates (pipeline.diff)
 
 
 @dataclass(frozen=True)
@@ -87,96 +92,156 @@ def _reject_reason(doc_id, text) -> str | None:
     return None
 
 
-def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
-    t0 = time.perf_counter()
-    src, ch = spec.source, spec.chunking
-    tok = _tokenizer(spec)
-    prefix = tok.prefix(spec.task)
-    ids_col = batch.column(src.id_column).to_pylist()
-    texts = batch.column(src.text_column).to_pylist()
-    titles = batch.column(src.title_column).to_pylist() if src.title_column else [None] * len(texts)
-    kept = {c: batch.column(c) for c in src.keep_columns}
+@dataclass(frozen=True)
+class _Doc:
+    """An accepted document: its row in the input batch, its id and the text the model embeds."""
 
-    rows: dict[str, list] = {k: [] for k in ("id", "text", "content_hash", IDS, CHAR_SPANS, TOKEN_SPANS,
-                                             FIRST_CHUNK, REJECT, "_docs", "_truncated", "_source_row",
-                                             STATUS, DOC_CHUNKS)}
-    reasons = [_reject_reason(d, t) for d, t in zip(ids_col, texts, strict=True)]
-    hashes = [content_hash(embedded_text(t, ti)) if r is None else None
-              for t, ti, r in zip(texts, titles, reasons, strict=True)]
-    status = statuses(spec.lookup, [None if d is None else str(d) for d in ids_col], hashes)
-    doc_chunks = 0
+    row: int
+    id: str
+    text: str
+    content_hash: str
+    status: str | None = None  # pipeline.diff: new or changed (unchanged documents become no unit)
 
-    def emit(i, doc_id, text, ids, char_spans, tspans, first_chunk, reject, docs, truncated):
-        rows["id"].append(None if doc_id is None else str(doc_id))
-        rows["text"].append(text)
-        rows["content_hash"].append(hashes[i] if hashes[i] is not None else content_hash(text) if text is not None else None)
-        rows[STATUS].append(status[i])
-        rows[DOC_CHUNKS].append(doc_chunks)
-        rows[IDS].append(ids)
-        rows[CHAR_SPANS].append(char_spans)
-        rows[TOKEN_SPANS].append(tspans)
-        rows[FIRST_CHUNK].append(first_chunk)
-        rows[REJECT].append(reject)
-        rows["_docs"].append(docs)
-        rows["_truncated"].append(truncated)
-        rows["_source_row"].append(i)
 
-    whole: dict[int, list[int]] = {}
-    if ch.mode == "none":  # one batched tokenizer call (parallel in Rust) instead of one per document
-        ok = [i for i, r in enumerate(reasons) if r is None and status[i] != UNCHANGED]
-        encoded = tok.encode([embedded_text(texts[i], titles[i]) for i in ok], [prefix] * len(ok))
-        whole = {i: ids.tolist() for i, ids in zip(ok, encoded, strict=True)}
+class _Units:
+    """Unit rows accumulated column by column; `table()` puts them back in input order."""
 
-    for i, (doc_id, raw, title) in enumerate(zip(ids_col, texts, titles, strict=True)):
-        doc_chunks = 0
-        if reasons[i] is not None:
-            emit(i, doc_id, raw if isinstance(raw, str) else None, [], [], [], 0, reasons[i], 0, 0)
-            continue
-        if status[i] == UNCHANGED:  # already in the table as it is: counted by the writer, not embedded
-            emit(i, doc_id, None, [], [], [], 0, None, 0, 0)
-            continue
-        text = embedded_text(raw, title)
-        if ch.mode == "none":
-            doc_chunks = 1
-            end, truncated = len(text), 0
-            if len(whole[i]) >= tok.max_length:  # maybe cut at the window: find where, for `end`
-                untruncated = len(tok.encode_with_offsets([text], [prefix])[0].ids)
-                if untruncated > len(whole[i]):
-                    truncated = 1
-                    end = int(tok.encode_with_offsets([text], [prefix], truncate=True)[0].ends[-1])
-            emit(i, doc_id, text, whole[i], [0, end], [], 0, None, 1, truncated)
-            continue
-        spans = chunk_spans(tok, text, ch.mode, chunk_tokens=ch.chunk_tokens, chunk_sentences=ch.chunk_sentences)
-        doc_chunks = len(spans)
-        if ch.late:
-            doc = tok.encode_with_offsets([text], [prefix])[0]  # whole: long late chunking windows it
-            tspans = token_spans(doc, spans)
-            emit(i, doc_id, text, doc.ids.tolist(), np.ravel(spans).tolist(), tspans.ravel().tolist(), 0, None, 1, 0)
-            continue
-        chunk_ids = tok.encode([text[s:e] for s, e in spans], [prefix] * len(spans))
-        for c, ((s, e), ids) in enumerate(zip(spans, chunk_ids, strict=True)):
-            emit(i, doc_id, text, ids.tolist(), [s, e], [], c, None, int(c == 0), 0)
-
-    n = len(rows["id"])
-    source_rows = pa.array(rows.pop("_source_row"), pa.int64())
-    out = {
-        "id": pa.array(rows["id"], pa.string()),
-        "text": pa.array(rows["text"], pa.string()),
-        "content_hash": pa.array(rows["content_hash"], pa.string()),
-        IDS: pa.array(rows[IDS], pa.list_(pa.int32())),
-        CHAR_SPANS: pa.array(rows[CHAR_SPANS], pa.list_(pa.int32())),
-        TOKEN_SPANS: pa.array(rows[TOKEN_SPANS], pa.list_(pa.int32())),
-        FIRST_CHUNK: pa.array(rows[FIRST_CHUNK], pa.int32()),
-        REJECT: pa.array(rows[REJECT], pa.string()),
-        "_docs": pa.array(rows["_docs"], pa.int64()),
-        "_truncated": pa.array(rows["_truncated"], pa.int64()),
-        STATUS: pa.array(rows[STATUS], pa.string()),
-        DOC_CHUNKS: pa.array(rows[DOC_CHUNKS], pa.int32()),
+    TYPES = {
+        "id": pa.string(),
+        "text": pa.string(),
+        "content_hash": pa.string(),
+        IDS: pa.list_(pa.int32()),
+        CHAR_SPANS: pa.list_(pa.int32()),
+        TOKEN_SPANS: pa.list_(pa.int32()),
+        FIRST_CHUNK: pa.int32(),
+        DOC_CHUNKS: pa.int32(),
+        REJECT: pa.string(),
+        STATUS: pa.string(),
+        "_docs": pa.int64(),  # 1 on a document's first unit: sums to the documents embedded
+        "_truncated": pa.int64(),
     }
-    for name, col in kept.items():
-        out[name] = col.take(source_rows) if n else col.slice(0, 0)
-    seconds = np.zeros(n)
-    if n:
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {name: [] for name in self.TYPES}
+        self.rows: list[int] = []  # each unit's row in the input batch
+
+    def add(self, doc: _Doc, ids: list[int], spans: Sequence[CharSpan], *, tspans: list[int] | None = None,
+            first_chunk: int = 0, doc_chunks: int | None = None, truncated: int = 0) -> None:
+        """One unit of `doc` covering its chunks `spans`; `doc_chunks` defaults to their count."""
+        self._append(doc.row, {
+            "id": doc.id, "text": doc.text, "content_hash": doc.content_hash, IDS: ids,
+            CHAR_SPANS: [x for span in spans for x in span], TOKEN_SPANS: tspans or [],
+            FIRST_CHUNK: first_chunk, DOC_CHUNKS: len(spans) if doc_chunks is None else doc_chunks, REJECT: None,
+            STATUS: doc.status, "_docs": int(first_chunk == 0), "_truncated": truncated,
+        })
+
+    def unchanged(self, doc: _Doc) -> None:
+        """A document the table already holds as it is: passed on to be counted, never tokenized or embedded."""
+        self._append(doc.row, {
+            "id": doc.id, "text": None, "content_hash": doc.content_hash, IDS: [], CHAR_SPANS: [], TOKEN_SPANS: [],
+            FIRST_CHUNK: 0, DOC_CHUNKS: 0, REJECT: None, STATUS: UNCHANGED, "_docs": 0, "_truncated": 0,
+        })
+
+    def reject(self, row: int, doc_id, text, reason: str) -> None:
+        text = text if isinstance(text, str) else None
+        self._append(row, {
+            "id": None if doc_id is None else str(doc_id), "text": text,
+            "content_hash": None if text is None else content_hash(text), IDS: [], CHAR_SPANS: [], TOKEN_SPANS: [],
+            FIRST_CHUNK: 0, DOC_CHUNKS: 0, REJECT: reason, STATUS: None, "_docs": 0, "_truncated": 0,
+        })
+
+    def _append(self, row: int, values: dict[str, object]) -> None:
+        self.rows.append(row)
+        for name, column in self.columns.items():
+            column.append(values[name])
+
+    def table(self, kept: dict[str, pa.ChunkedArray]) -> pa.Table:
+        order = np.argsort(np.asarray(self.rows, dtype=np.int64), kind="stable")  # a document's units stay in order
+        out = {name: pa.array(self.columns[name], t).take(order) for name, t in self.TYPES.items()}
+        rows = pa.array(np.asarray(self.rows, dtype=np.int64)[order])
+        for name, col in kept.items():
+            out[name] = col.take(rows)
+        return pa.table(out)
+
+
+def _spans(tok: TextTokenizer, text: str, ch: ChunkingConfig) -> list[CharSpan]:
+    return chunk_spans(tok, text, ch.mode, chunk_tokens=ch.chunk_tokens, chunk_sentences=ch.chunk_sentences)
+
+
+def _whole_units(docs: Sequence[_Doc], tok: TextTokenizer, prefix: str, ch: ChunkingConfig, units: _Units) -> None:
+    """Chunking none: one unit per document, truncated at the window (recorded in `_truncated`)."""
+    encoded = tok.encode([d.text for d in docs], [prefix] * len(docs))  # one batched call (parallel in Rust)
+    for doc, ids in zip(docs, encoded, strict=True):
+        end, truncated = len(doc.text), 0
+        if len(ids) >= tok.max_length:  # maybe cut at the window: find where, for `end`
+            untruncated = len(tok.encode_with_offsets([doc.text], [prefix])[0].ids)
+            if untruncated > len(ids):
+                truncated = 1
+                end = int(tok.encode_with_offsets([doc.text], [prefix], truncate=True)[0].ends[-1])
+        units.add(doc, ids.tolist(), [(0, end)], truncated=truncated)
+
+
+def _naive_units(docs: Sequence[_Doc], tok: TextTokenizer, prefix: str, ch: ChunkingConfig, units: _Units) -> None:
+    """Naive chunking: one unit per chunk, each chunk's text encoded on its own."""
+    for doc in docs:
+        spans = _spans(tok, doc.text, ch)
+        chunk_ids = tok.encode([doc.text[s:e] for s, e in spans], [prefix] * len(spans))
+        for c, (span, ids) in enumerate(zip(spans, chunk_ids, strict=True)):
+            units.add(doc, ids.tolist(), [span], first_chunk=c, doc_chunks=len(spans))
+
+
+def _late_units(docs: Sequence[_Doc], tok: TextTokenizer, prefix: str, ch: ChunkingConfig, units: _Units) -> None:
+    """Late chunking: one unit per document, whole (long late chunking windows it), with its chunks' token spans."""
+    for doc in docs:
+        spans = _spans(tok, doc.text, ch)
+        encoded = tok.encode_with_offsets([doc.text], [prefix])[0]
+        units.add(doc, encoded.ids.tolist(), spans, tspans=token_spans(encoded, spans).ravel().tolist())
+
+
+UnitBuilder = Callable[[Sequence[_Doc], TextTokenizer, str, ChunkingConfig, _Units], None]
+
+
+def _units_for(ch: ChunkingConfig) -> UnitBuilder:
+    """The unit builder of a chunking mode (the one dispatch on it)."""
+    if ch.mode == "none":
+        return _whole_units
+    return _late_units if ch.late else _naive_units
+
+
+def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingConfig, tokenizer: TextTokenizer,
+                  task: str | None, lookup: LookupSpec | None = None) -> pa.Table:
+    """Documents -> units, one row per unit in input order, kept columns along; no timing column.
+
+    `tokenizer` truncates at the job's window. The dry-run estimate (`pipeline.plan`) calls this too,
+    so its token counts are the stage's own. With `lookup`, documents the table holds unchanged cost
+    only their hash.
+    """
+    ids = batch.column(source.id_column).to_pylist()
+    texts = batch.column(source.text_column).to_pylist()
+    titles = batch.column(source.title_column).to_pylist() if source.title_column else [None] * len(texts)
+    units, docs = _Units(), []
+    for row, (doc_id, text, title) in enumerate(zip(ids, texts, titles, strict=True)):
+        reason = _reject_reason(doc_id, text)
+        if reason is not None:
+            units.reject(row, doc_id, text, reason)
+            continue
+        embedded = embedded_text(text, title)
+        docs.append(_Doc(row, str(doc_id), embedded, content_hash(embedded)))
+    found = statuses(lookup, [d.id for d in docs], [d.content_hash for d in docs])
+    docs = [dataclasses.replace(d, status=st) for d, st in zip(docs, found, strict=True)]
+    for d in docs:
+        if d.status == UNCHANGED:
+            units.unchanged(d)
+    _units_for(chunking)([d for d in docs if d.status != UNCHANGED], tokenizer, tokenizer.prefix(task), chunking, units)
+    return units.table({c: batch.column(c) for c in source.keep_columns})
+
+
+def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
+    """The stage: `prepare_units` with the worker's tokenizer, and its time on the first row (`_prepare_s`)."""
+    t0 = time.perf_counter()
+    out = prepare_units(batch, source=spec.source, chunking=spec.chunking, tokenizer=_tokenizer(spec), task=spec.task,
+                        lookup=spec.lookup)
+    seconds = np.zeros(out.num_rows)
+    if out.num_rows:
         seconds[0] = time.perf_counter() - t0
-    out["_prepare_s"] = pa.array(seconds, pa.float64())
-    return pa.table(out)
+    return out.append_column("_prepare_s", pa.array(seconds, pa.float64()))

@@ -15,7 +15,7 @@ from shared_data import SHARED_DATA, minilm_dir, sts_pairs
 from jobs.cli import build_parser, main
 from model import load_encoder
 from pipeline.config import ChunkingConfig, EncodeConfig, JobConfig, SinkConfig, SourceConfig
-from pipeline.evaluation import RETRIEVAL_METRICS, evaluate_retrieval, score_run
+from pipeline.eval.retrieval import RETRIEVAL_METRICS, evaluate_retrieval, score_run
 from pipeline.run import run_job
 
 # MTEB STSBenchmark test, sentence-transformers/all-MiniLM-L6-v2 (shared mteb-results, cosine_spearman).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -162,6 +164,24 @@ def test_late_chunking_matches_encode_spans(docs, minilm):
         got = np.stack([r["vector_384"] for r in rows])
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert ok.num_rows > len(good)  # documents really were split
+
+
+@pytest.mark.parametrize(
+    "chunking",
+    [ChunkingConfig(mode="none"), ChunkingConfig(mode="fixed", chunk_tokens=12, late=False),
+     ChunkingConfig(mode="sentences", chunk_sentences=1, late=True)],
+    ids=["none", "naive", "late"],
+)
+def test_every_chunk_row_carries_its_documents_chunk_count(docs, chunking):
+    """`_doc_chunks` tells a committer when a document's chunks are all there; it is per row, never a stat."""
+    prep, embed = _specs(chunking, dims=(384,), dtype="float32", window=128)
+    out = EmbedStage(embed)(prepare_batch(docs, prep))
+    assert out.schema.field("_doc_chunks").type == pa.int32()
+    ok = out.filter(out[REJECT].is_null())
+    rows = Counter(ok["id"].to_pylist())
+    assert {(r["id"], r["_doc_chunks"]) for r in ok.select(["id", "_doc_chunks"]).to_pylist()} == set(rows.items())
+    assert out.filter(out[REJECT].is_valid())["_doc_chunks"].to_pylist() == [0] * len(BAD)
+    assert (max(rows.values()) > 1) == (chunking.mode != "none")
 
 
 def test_warmup_batch_is_one_full_budget_of_full_windows(tiny_jina_model):

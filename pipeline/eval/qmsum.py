@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from model import Encoder, TextTokenizer, fixed_token_spans
-from pipeline.evaluation import score_run
+from pipeline.eval.retrieval import score_run
 
 CharSpan = tuple[int, int]
 STUDY_METRICS = (("ndcg", 10), ("recall", 10), ("mrr", 10))

@@ -1,4 +1,4 @@
-"""Evaluation: ranking metrics, Spearman, BEIR-format loaders, retrieval over a written table, STS.
+"""Retrieval and STS evaluation: ranking metrics, Spearman, BEIR-format loaders, retrieval over a written table.
 
 Metric conventions follow BEIR / pytrec_eval, so figures compare with MTEB's:
 * relevance is graded: a qrels score > 0 is relevant, its value is the gain (linear, not 2^rel - 1);

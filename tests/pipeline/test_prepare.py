@@ -1,0 +1,109 @@
+"""The prepare stage, column by column, for each chunking mode on a few documents with bad rows among them.
+
+Expected units are composed here from the model's tokenizer and chunkers, so a change to how the stage
+builds its rows shows as a difference in one named column of one row.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from shared_data import minilm_dir, qmsum_transcripts, sts_sentences
+
+from model import chunk_spans, describe_model, token_spans
+from pipeline.config import ChunkingConfig, SourceConfig
+from pipeline.prepare import PrepareSpec, content_hash, prepare_batch
+
+WINDOW = 64  # below the long document's length, so chunking none truncates it
+BAD = {1: (None, "no id here", "missing id"), 3: ("bad-null", None, "missing text"), 5: ("bad-blank", " \n", "empty text")}
+MODES = {
+    "none": ChunkingConfig(mode="none"),
+    "naive": ChunkingConfig(mode="fixed", chunk_tokens=12, late=False),
+    "late": ChunkingConfig(mode="sentences", chunk_sentences=1, late=True),
+}
+TYPES = {"_ids": pa.list_(pa.int32()), "_char_spans": pa.list_(pa.int32()), "_token_spans": pa.list_(pa.int32()),
+         "_first_chunk": pa.int32(), "_doc_chunks": pa.int32(), "_docs": pa.int64(), "_truncated": pa.int64(),
+         "_prepare_s": pa.float64()}
+
+
+@pytest.fixture(scope="module")
+def docs() -> pa.Table:
+    """Short documents, one long one, a title on some, and the three kinds of bad rows."""
+    sents = sts_sentences(12)
+    good = [" ".join(sents[i : i + 3]) for i in range(0, 12, 3)] + [qmsum_transcripts(limit=1)[0][:1500]]
+    rows = [(f"doc-{i}", text, f"title {i}" if i % 2 else None) for i, text in enumerate(good)]
+    for pos, (doc_id, text, _) in BAD.items():
+        rows.insert(pos, (doc_id, text, "a title"))
+    ids, texts, titles = zip(*rows, strict=True)
+    return pa.table({"id": ids, "text": texts, "title": titles, "lang": [f"l{i}" for i in range(len(rows))]})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return describe_model(str(minilm_dir())).tokenizer.with_max_length(WINDOW)
+
+
+def _unit(doc_id, text, lang, ids, spans, **extra) -> dict:
+    row = {"id": doc_id, "text": text, "content_hash": content_hash(text), "_ids": [int(i) for i in ids],
+           "_char_spans": [x for span in spans for x in span], "_token_spans": [], "_first_chunk": 0,
+           "_doc_chunks": len(spans), "_reject_reason": None, "_docs": 1, "_truncated": 0, "lang": lang}
+    return row | extra
+
+
+def _expected(docs: pa.Table, mode: str, tok) -> list[dict]:
+    ch = MODES[mode]
+    out = []
+    for pos, r in enumerate(docs.to_pylist()):
+        if pos in BAD:
+            text = r["text"]
+            out.append({"id": r["id"], "text": text, "content_hash": None if text is None else content_hash(text), "_ids": [],
+                        "_char_spans": [], "_token_spans": [], "_first_chunk": 0, "_doc_chunks": 0,
+                        "_reject_reason": BAD[pos][2], "_docs": 0, "_truncated": 0, "lang": r["lang"]})
+            continue
+        text = f"{r['title']} {r['text']}" if r["title"] else r["text"]
+        whole = tok.encode_with_offsets([text], [""])[0]  # untruncated, with the content tokens' offsets
+        if mode == "none":
+            ids = tok.encode([text], [""])[0]
+            kept = len(ids) - (len(whole.ids) - len(whole.ends))  # content tokens inside the window
+            truncated = int(len(ids) < len(whole.ids))
+            end = int(whole.ends[kept - 1]) if truncated else len(text)
+            out.append(_unit(r["id"], text, r["lang"], ids, [(0, end)], _truncated=truncated))
+            continue
+        spans = chunk_spans(tok, text, ch.mode, chunk_tokens=ch.chunk_tokens, chunk_sentences=ch.chunk_sentences)
+        if mode == "late":
+            tspans = token_spans(whole, spans).ravel().tolist()
+            out.append(_unit(r["id"], text, r["lang"], whole.ids, spans, _token_spans=tspans))
+            continue
+        for c, span in enumerate(spans):
+            ids = tok.encode([text[span[0] : span[1]]], [""])[0]
+            out.append(_unit(r["id"], text, r["lang"], ids, [span], _first_chunk=c, _doc_chunks=len(spans),
+                             _docs=int(c == 0)))
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_units_column_by_column(docs, tok, mode):
+    source = SourceConfig(input="unused", title_column="title", keep_columns=("lang",))
+    spec = PrepareSpec(source=source, chunking=MODES[mode], model=str(minilm_dir()), task=None, window=WINDOW)
+    units = prepare_batch(docs, spec)
+    for name, t in TYPES.items():
+        assert units.schema.field(name).type == t, name
+    seconds = units["_prepare_s"].to_pylist()
+    assert seconds[0] > 0 and not any(seconds[1:])  # the batch's time sits on its first row only
+    want = _expected(docs, mode, tok)
+    got = units.drop_columns(["_prepare_s"]).to_pylist()
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g == w, {k: (g[k], w[k]) for k in w if g[k] != w[k]}
+    if mode == "none":
+        assert sum(r["_truncated"] for r in got) == 1  # the long document
+    else:
+        assert max(r["_doc_chunks"] for r in got) > 1  # documents really were split
+
+
+def test_no_rows_no_units(tok):
+    source = SourceConfig(input="unused", keep_columns=("lang",))
+    empty = pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string()), "lang": pa.array([], pa.string())})
+    for ch in MODES.values():
+        units = prepare_batch(empty, PrepareSpec(source=source, chunking=ch, model=str(minilm_dir()), task=None, window=WINDOW))
+        assert units.num_rows == 0 and "lang" in units.column_names and "_doc_chunks" in units.column_names
