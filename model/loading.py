@@ -18,7 +18,8 @@ from typing import Literal, get_args
 
 import torch
 
-from model.encoder import Encoder, EncoderInfo, per_thread_intra_op
+from model.encoder import Encoder, EncoderInfo
+from model.streams import per_thread_intra_op
 from model.tokenization import TextTokenizer
 
 Family = Literal["jina-v3", "sentence-transformers"]
@@ -215,7 +216,7 @@ def load_encoder(
 
     Pass dtype="float32" for reference-exact vectors on any hardware. On CPU, `cpu_streams` batches
     run at once, one thread each (default: the caller's torch thread count; 1 = one batch at a time
-    on all of them). See `Encoder._forward_batches`.
+    on all of them). See `model.streams`.
     """
     path = resolve_model_dir(ref, storage_options)
     family = detect_family(path)
