@@ -47,6 +47,19 @@ class EncoderInfo:
     def identity(self) -> str:
         return f"{self.name}@{self.revision}"
 
+    def check_dims(self, dims: Sequence[int]) -> tuple[int, ...]:
+        """`dims` without repeats, in order, once each is known to be an output dim of this model.
+
+        The one dim rule, for the driver's `--dims` and every encoder call alike: a Matryoshka dim when
+        the model lists them, else any prefix 1..dim; the full dim always.
+        """
+        allowed = set(self.matryoshka_dims or range(1, self.dim + 1)) | {self.dim}
+        for d in dims:
+            if d not in allowed:
+                valid = ", ".join(map(str, sorted(allowed))) if self.matryoshka_dims else f"1..{self.dim}"
+                raise ValueError(f"dim {d} is not available from {self.name}; valid dims: {valid}")
+        return tuple(dict.fromkeys(dims))
+
 
 @dataclass
 class EncodeStats:
@@ -181,13 +194,9 @@ class Encoder(ABC):
         return ids, [self.tokenizer.prefix(name) for name in names]
 
     def check_dim(self, dim: int | None) -> None:
-        if dim is None:
-            return
-        allowed = self.info.matryoshka_dims
-        if allowed is not None and dim not in allowed:
-            raise ValueError(f"dim {dim} is not a Matryoshka dimension of {self.info.name}; valid dims: {list(allowed)}")
-        if allowed is None and not 1 <= dim <= self.dim:
-            raise ValueError(f"dim {dim} is out of range for {self.info.name}; valid dims: 1..{self.dim}")
+        """None (the full dim) or a dim `EncoderInfo.check_dims` allows."""
+        if dim is not None:
+            self.info.check_dims((dim,))
 
     @staticmethod
     def finalize(vectors: torch.Tensor | np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:

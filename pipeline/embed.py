@@ -105,8 +105,7 @@ class EmbedStage:
             spec.model, device=device, dtype=spec.precision, max_batch_tokens=spec.max_batch_tokens, storage_options=dict(spec.storage_options)
         )
         self.task_ids, _ = self.encoder.resolve_tasks(spec.task, 1)
-        for d in spec.dims:
-            self.encoder.check_dim(d if d != self.encoder.dim else None)
+        self.encoder.info.check_dims(spec.dims)
         self.model_identity = self.encoder.info.identity
         self.actor = f"node={_node_id()} pid={os.getpid()} gpus={','.join(self.gpu_ids) or 'none'} device={device}"
         self.actor += f" dtype={self.encoder.precision}"
