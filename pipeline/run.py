@@ -154,6 +154,7 @@ def build_dataset(job: ResolvedJob, files: list[str]) -> ray.data.Dataset:
         max_batch_tokens=cfg.encode.max_batch_tokens,
         cpu_threads=job.cpu_threads,
         storage_options=model_options,
+        revision=job.info.revision,
     )
     return ds.map_batches(
         EmbedStage,
