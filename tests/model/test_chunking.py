@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from shared_data import minilm_dir, qmsum_transcripts
+from shared_data import qmsum_transcripts
 
 from model import chunk_spans, fixed_token_spans, load_encoder, sentence_spans, token_spans
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32)
 
 
 def test_fixed_chunks_have_the_token_count(minilm):

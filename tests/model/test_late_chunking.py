@@ -5,18 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from shared_data import minilm_dir, qmsum_transcripts
+from shared_data import qmsum_transcripts
 
 from model import fixed_token_spans, load_encoder, long_windows, sentence_spans, token_spans
 from model.late_chunking import embed_spans, window_and_overlap
 from model.packing import pool_spans
 
 ATOL_FP32 = 1e-5
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32)
 
 
 def test_one_token_document_pools_specials(minilm):
