@@ -1,41 +1,33 @@
-"""The encoder interface every model family implements, and the batching around it.
+"""The encoder interface every model family implements, and the encode API around it.
 
 A family supplies one method, `_forward`: token-id sequences -> packed contextual token states.
 Everything else is shared: task and dim validation, length-sorted token-budget batching, pooling
-(mean over sequences, or over late-chunking spans of stitched long-document windows), Matryoshka
-truncation and normalization. jina-embeddings-v4 (multi-vector, images) will add methods beside
-`encode`/`encode_spans` without changing them: nothing here assumes text-only single vectors
-beyond those two methods.
+(mean over sequences, or over late-chunking spans: `late_chunking.py`), Matryoshka truncation and
+normalization. Batches run one at a time, or several at once on CPU (`streams.py`).
+jina-embeddings-v4 (multi-vector, images) will add methods beside `encode`/`encode_spans` without
+changing them: nothing here assumes text-only single vectors beyond those two methods.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from model import late_chunking
 from model.batching import batch_cost, token_budget_batches
 from model.packing import pool_spans
-from model.tokenization import CharSpan, TextTokenizer, long_windows, token_spans
+from model.streams import CpuStreams
+from model.tokenization import CharSpan, TextTokenizer, token_spans
 
 TaskArg = str | None | Sequence[str | None]
 
 # Padded backends close a batch before its real/computed token ratio drops below this.
 PADDED_MIN_FILL = 0.97
-
-
-@functools.cache
-def per_thread_intra_op() -> bool:
-    """True where `torch.set_num_threads` in a thread sets that thread's count only: ATen's OpenMP
-    backend (an OpenMP ICV is per thread). CPU streams rely on it to leave the caller's threads alone."""
-    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 @dataclass(frozen=True)
@@ -54,6 +46,19 @@ class EncoderInfo:
     @property
     def identity(self) -> str:
         return f"{self.name}@{self.revision}"
+
+    def check_dims(self, dims: Sequence[int]) -> tuple[int, ...]:
+        """`dims` without repeats, in order, once each is known to be an output dim of this model.
+
+        The one dim rule, for the driver's `--dims` and every encoder call alike: a Matryoshka dim when
+        the model lists them, else any prefix 1..dim; the full dim always.
+        """
+        allowed = set(self.matryoshka_dims or range(1, self.dim + 1)) | {self.dim}
+        for d in dims:
+            if d not in allowed:
+                valid = ", ".join(map(str, sorted(allowed))) if self.matryoshka_dims else f"1..{self.dim}"
+                raise ValueError(f"dim {d} is not available from {self.name}; valid dims: {valid}")
+        return tuple(dict.fromkeys(dims))
 
 
 @dataclass
@@ -87,12 +92,8 @@ class Encoder(ABC):
         self.device = device
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
-        if cpu_streams < 1:
-            raise ValueError(f"cpu_streams must be >= 1, got {cpu_streams}")
-        if cpu_streams > 1 and device.type == "cpu" and not per_thread_intra_op():
-            raise ValueError("cpu_streams > 1 needs torch's OpenMP parallel backend (per-thread thread counts)")
-        self.cpu_streams = cpu_streams if device.type == "cpu" else 1
-        self._stream_pool: ThreadPoolExecutor | None = None
+        # Streams only pay on CPU; elsewhere batches run one at a time whatever was asked.
+        self.streams = CpuStreams(cpu_streams if device.type == "cpu" else min(cpu_streams, 1))
         self.stats = EncodeStats()
 
     # -- what a family implements --------------------------------------------------------------
@@ -133,6 +134,10 @@ class Encoder(ABC):
     @property
     def max_length(self) -> int:
         return self.info.max_length
+
+    @property
+    def cpu_streams(self) -> int:
+        return self.streams.count
 
     def encode(
         self, texts: Sequence[str], *, task: TaskArg = None, dim: int | None = None, normalize: bool = True
@@ -189,13 +194,9 @@ class Encoder(ABC):
         return ids, [self.tokenizer.prefix(name) for name in names]
 
     def check_dim(self, dim: int | None) -> None:
-        if dim is None:
-            return
-        allowed = self.info.matryoshka_dims
-        if allowed is not None and dim not in allowed:
-            raise ValueError(f"dim {dim} is not a Matryoshka dimension of {self.info.name}; valid dims: {list(allowed)}")
-        if allowed is None and not 1 <= dim <= self.dim:
-            raise ValueError(f"dim {dim} is out of range for {self.info.name}; valid dims: 1..{self.dim}")
+        """None (the full dim) or a dim `EncoderInfo.check_dims` allows."""
+        if dim is not None:
+            self.info.check_dims((dim,))
 
     @staticmethod
     def finalize(vectors: torch.Tensor | np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
@@ -226,45 +227,28 @@ class Encoder(ABC):
         window: int | None = None,
         overlap: int | None = None,
     ) -> list[torch.Tensor]:
-        """Late chunking on token ids: for each document, (S, d) mean vectors of its token spans."""
-        window = window or self.max_length
-        overlap = min(512, window // 4) if overlap is None else overlap
-        if window > self.max_length:
-            raise ValueError(f"window {window} exceeds the model maximum {self.max_length}")
-        # One segment per window; a document's windows always run in the same group, so its
-        # stitched states are complete when its spans are pooled.
-        results: list[torch.Tensor | None] = [None] * len(seqs)
-        for group in self._doc_groups([len(s) for s in seqs]):
-            segs: list[tuple[int, np.ndarray, int]] = [  # (doc, window ids, keep_from), in doc order
-                (doc, np.asarray(seqs[doc][w.start : w.stop]), w.keep_from)
-                for doc in group
-                for w in long_windows(len(seqs[doc]), window, overlap)
-            ]
-            kept: list[torch.Tensor | None] = [None] * len(segs)
-            for batch, states, offsets in self._run([s[1] for s in segs], [tasks[s[0]] for s in segs]):
-                for row, seg in enumerate(batch):
-                    kept[seg] = states[offsets[row] + segs[seg][2] : offsets[row + 1]]
-            for doc in group:
-                stitched = torch.cat([t for s, t in zip(segs, kept, strict=True) if s[0] == doc])
-                sp = torch.as_tensor(spans[doc], dtype=torch.int64, device=stitched.device).reshape(-1, 2)
-                if len(sp) and (int(sp.min()) < 0 or int(sp[:, 1].max()) > stitched.shape[0]):
-                    raise ValueError(f"document {doc}: span outside its {stitched.shape[0]} tokens")
-                results[doc] = pool_spans(stitched, sp[:, 0], sp[:, 1]).cpu()
-        return results  # type: ignore[return-value]
+        """Late chunking on token ids: for each document, (S, d) mean vectors of its token spans.
+
+        Window and overlap as in `encode_spans`; the stitching is `late_chunking.embed_spans`.
+        """
+        window, overlap = late_chunking.window_and_overlap(window, overlap, self.max_length)
+        return late_chunking.embed_spans(
+            self._run, [np.asarray(s) for s in seqs], spans, list(tasks),
+            window=window, overlap=overlap, group_tokens=self.max_batch_tokens,
+        )
 
     # -- batching ---------------------------------------------------------------------------------
-    def _doc_groups(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Documents grouped (longest first) so that each group's tokens fit one budget, or one doc."""
-        return token_budget_batches(lengths, max(self.max_batch_tokens, 1), padded=False)
-
-    def _run(self, seqs: list[np.ndarray], tasks: list[int | None]):
+    def _run(
+        self, seqs: list[np.ndarray], tasks: list[int | None]
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Yield (indices, packed states, offsets) per token-budget batch, in completion order; equal
         tasks contiguous within a batch."""
         lengths = [len(s) for s in seqs]
         batches = token_budget_batches(lengths, self.max_batch_tokens, padded=not self.packed, min_fill=PADDED_MIN_FILL)
         for batch in batches:
             batch.sort(key=lambda i: -1 if tasks[i] is None else tasks[i])  # stable: length order kept
-        for batch, states, seconds in self._forward_batches(seqs, tasks, batches):
+        forwarded = self.streams.map(lambda batch: self._forward_batch(seqs, tasks, batch), batches)
+        for batch, states, seconds in forwarded:
             lens = [lengths[i] for i in batch]
             offsets = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device=states.device)
             if states.shape[0] != offsets[-1]:
@@ -279,43 +263,11 @@ class Encoder(ABC):
     def _forward_batch(
         self, seqs: list[np.ndarray], tasks: list[int | None], batch: list[int]
     ) -> tuple[list[int], torch.Tensor, float]:
+        """Forward one batch, timed; safe to run on a stream thread."""
         with torch.inference_mode():  # grad mode is per thread: stream threads need it set too
             t0 = time.perf_counter()
             states = self._forward([seqs[i] for i in batch], [tasks[i] for i in batch])
             return batch, states, time.perf_counter() - t0
-
-    def _forward_batches(
-        self, seqs: list[np.ndarray], tasks: list[int | None], batches: list[list[int]]
-    ) -> Iterator[tuple[list[int], torch.Tensor, float]]:
-        """Forward every batch. On CPU with `cpu_streams` > 1, that many batches run at once, each
-        single-threaded, sharing the weights.
-
-        Why: a forward split over 2 OpenMP threads waits at every op's barrier for the slower thread,
-        so any other process on the node (a Ray worker, the driver) stalls both cores. On 2 cores, a
-        process busy 15% of one core cost the 2-thread forward 17%; two streams matched it on a quiet
-        machine and were 7% faster beside that load, and 20k-document pipeline jobs ran 15% faster
-        (BENCHMARKS.md, machine D). A lone batch keeps the caller's threads.
-        """
-        if self.cpu_streams < 2 or len(batches) < 2:
-            for batch in batches:
-                yield self._forward_batch(seqs, tasks, batch)
-            return
-        if self._stream_pool is None:  # threads are per encoder and set to one intra-op thread each
-            self._stream_pool = ThreadPoolExecutor(
-                self.cpu_streams, thread_name_prefix="encoder-stream", initializer=torch.set_num_threads, initargs=(1,)
-            )
-        queued = iter(batches)
-        running: set[Future] = {
-            self._stream_pool.submit(self._forward_batch, seqs, tasks, batch)
-            for batch in itertools.islice(queued, self.cpu_streams)
-        }
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                nxt = next(queued, None)
-                if nxt is not None:
-                    running.add(self._stream_pool.submit(self._forward_batch, seqs, tasks, nxt))
-                yield future.result()
 
 
 def _as_list(texts: Sequence[str]) -> list[str]:

@@ -233,7 +233,10 @@ class Block(nn.Module):
         return self.norm2(x + self.mlp(x, runs))
 
 
-class Encoder(nn.Module):
+class TransformerStack(nn.Module):
+    """The blocks, in order. The checkpoint calls it `encoder` (§2.3), and so does `JinaV3Model`; the class
+    is named apart so that `Encoder` means one thing in this package (`model.encoder.Encoder`)."""
+
     def __init__(self, cfg: JinaV3Config):
         super().__init__()
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
@@ -254,7 +257,7 @@ class JinaV3Model(nn.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
         self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.encoder = Encoder(cfg)
+        self.encoder = TransformerStack(cfg)
         self.pooler = Pooler(cfg)
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_emb_base)
 

@@ -18,7 +18,8 @@ from typing import Literal, get_args
 
 import torch
 
-from model.encoder import Encoder, EncoderInfo, per_thread_intra_op
+from model.encoder import Encoder, EncoderInfo
+from model.streams import per_thread_intra_op
 from model.tokenization import TextTokenizer
 
 Family = Literal["jina-v3", "sentence-transformers"]
@@ -173,6 +174,12 @@ def model_name(path: Path, family: Family) -> str:
     return path.name if path.name not in ("model", "models", "snapshot") else path.parent.name
 
 
+def model_identity(path: Path, family: Family, revision: str | None) -> dict[str, str]:
+    """Name and revision of a model directory; a known `revision` (the driver's) skips hashing the weights,
+    which every worker and actor would otherwise do again."""
+    return dict(name=model_name(path, family), revision=revision or content_revision(path))
+
+
 @dataclass(frozen=True)
 class ModelDescription:
     path: Path
@@ -186,11 +193,11 @@ def describe_model(
 ) -> ModelDescription:
     """Tokenizer and model facts without loading weights: what CPU preprocessing stages need.
 
-    A known `revision` skips hashing the weights (preprocessing workers only need the tokenizer).
+    A known `revision` skips hashing the weights (`model_identity`).
     """
     path = resolve_model_dir(ref, storage_options)
     family = detect_family(path)
-    ident = dict(revision=revision or content_revision(path), name=model_name(path, family))
+    ident = model_identity(path, family, revision)
     if family == "jina-v3":
         from model.jina_encoder import describe_jina_v3
 
@@ -210,12 +217,13 @@ def load_encoder(
     max_batch_tokens: int | None = None,
     storage_options: dict | None = None,
     cpu_streams: int | None = None,
+    revision: str | None = None,
 ) -> Encoder:
     """Load an encoder on CUDA when a GPU is present, else CPU; dtype per `resolve_dtype` ("auto").
 
     Pass dtype="float32" for reference-exact vectors on any hardware. On CPU, `cpu_streams` batches
     run at once, one thread each (default: the caller's torch thread count; 1 = one batch at a time
-    on all of them). See `Encoder._forward_batches`.
+    on all of them). See `model.streams`. A known `revision` skips hashing the weights (`model_identity`).
     """
     path = resolve_model_dir(ref, storage_options)
     family = detect_family(path)
@@ -226,8 +234,8 @@ def load_encoder(
     budget = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
     if cpu_streams is None:
         cpu_streams = torch.get_num_threads() if device.type == "cpu" and per_thread_intra_op() else 1
-    common = dict(device=device, dtype=dtype, max_batch_tokens=budget, revision=content_revision(path),
-                  name=model_name(path, family), cpu_streams=cpu_streams)
+    common = dict(device=device, dtype=dtype, max_batch_tokens=budget, cpu_streams=cpu_streams,
+                  **model_identity(path, family, revision))
     if family == "jina-v3":
         from model.jina_encoder import JinaV3Encoder
 

@@ -39,6 +39,7 @@ class EmbedSpec:
     max_batch_tokens: int | None = None
     cpu_threads: int | None = None
     storage_options: tuple[tuple[str, str], ...] = ()
+    revision: str | None = None  # the driver's content hash: actors need not hash the weights again
 
 
 def vector_column(dim: int) -> str:
@@ -103,11 +104,11 @@ class EmbedStage:
         if device == "cpu" and spec.cpu_threads:
             torch.set_num_threads(spec.cpu_threads)
         self.encoder = load_encoder(
-            spec.model, device=device, dtype=spec.precision, max_batch_tokens=spec.max_batch_tokens, storage_options=dict(spec.storage_options)
+            spec.model, device=device, dtype=spec.precision, max_batch_tokens=spec.max_batch_tokens, storage_options=dict(spec.storage_options),
+            revision=spec.revision,
         )
         self.task_ids, _ = self.encoder.resolve_tasks(spec.task, 1)
-        for d in spec.dims:
-            self.encoder.check_dim(d if d != self.encoder.dim else None)
+        self.encoder.info.check_dims(spec.dims)
         self.model_identity = self.encoder.info.identity
         self.actor = f"node={_node_id()} pid={os.getpid()} gpus={','.join(self.gpu_ids) or 'none'} device={device}"
         self.actor += f" dtype={self.encoder.precision}"

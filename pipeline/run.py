@@ -63,12 +63,7 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     task = cfg.encode.task if cfg.encode.task is not None else info.default_task
     if task is not None and task not in info.tasks:
         raise ValueError(f"unknown task {task!r} for {info.name}; valid tasks: {', '.join(info.tasks) or 'none'}")
-    dims = tuple(dict.fromkeys(cfg.encode.dims)) or (info.dim,)
-    for d in dims:
-        allowed = info.matryoshka_dims or range(1, info.dim + 1)
-        if d not in allowed:
-            valid = list(info.matryoshka_dims) if info.matryoshka_dims else f"1..{info.dim}"
-            raise ValueError(f"--dims {d} is not available from {info.name}; valid dims: {valid}")
+    dims = info.check_dims(cfg.encode.dims) or (info.dim,)
     window = min(cfg.chunking.max_length or info.max_length, info.max_length)
     resources = cluster if cluster is not None else ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -166,6 +161,7 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
         max_batch_tokens=cfg.encode.max_batch_tokens,
         cpu_threads=job.cpu_threads,
         storage_options=model_options,
+        revision=job.info.revision,
     )
     return ds.map_batches(
         EmbedStage,

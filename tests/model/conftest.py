@@ -1,11 +1,21 @@
-"""Fixtures for the jina-embeddings-v3 model tests (tiny random checkpoint in the published layout)."""
+"""Fixtures for the model tests: the packaged MiniLM, a tiny random jina-embeddings-v3 checkpoint."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+from shared_data import minilm_dir
 from tiny_jina import make_tiny_jina
+
+from model import load_encoder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2 on CPU in float32 (reference-exact), one per test module."""
+    return load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,17 @@
-"""Late chunking: span arithmetic, equivalence with plain encoding, long documents, chunkers."""
+"""Late chunking (`model.late_chunking`): span arithmetic, equivalence with plain encoding, long documents."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from shared_data import minilm_dir, qmsum_transcripts
+from shared_data import qmsum_transcripts
 
-from model import chunk_spans, fixed_token_spans, load_encoder, long_windows, sentence_spans, token_spans
+from model import fixed_token_spans, load_encoder, long_windows, sentence_spans, token_spans
+from model.late_chunking import embed_spans, window_and_overlap
 from model.packing import pool_spans
 
 ATOL_FP32 = 1e-5
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32)
 
 
 def test_one_token_document_pools_specials(minilm):
@@ -104,30 +100,6 @@ def test_long_windows_tile_the_document():
         long_windows(100, 10, 10)
 
 
-def test_fixed_chunks_have_the_token_count(minilm):
-    text = qmsum_transcripts(limit=1)[0][:3000]
-    spans = fixed_token_spans(minilm.tokenizer, text, 50)
-    counts = [len(minilm.tokenizer.content_offsets(text[s:e])[0]) for s, e in spans]
-    assert all(abs(c - 50) <= 2 for c in counts[:-1]) and 0 < counts[-1] <= 52
-    assert spans == sorted(spans) and all(a[1] <= b[0] for a, b in zip(spans[:-1], spans[1:], strict=True))
-
-
-def test_sentence_chunks_beyond_english(minilm):
-    cjk = "今日は晴れです。明日は雨でしょう！本当ですか？はい。"
-    spans = sentence_spans(minilm.tokenizer, cjk, 1)
-    assert [cjk[s:e] for s, e in spans] == ["今日は晴れです。", "明日は雨でしょう！", "本当ですか？", "はい。"]
-    mixed = "Pi is 3.14 exactly. Really? Yes! And a tail without end"
-    spans = sentence_spans(minilm.tokenizer, mixed, 2)
-    assert [mixed[s:e] for s, e in spans] == ["Pi is 3.14 exactly. Really?", "Yes! And a tail without end"]
-
-
-def test_chunk_spans_modes(minilm):
-    assert chunk_spans(minilm.tokenizer, "abc def", "none") == [(0, 7)]
-    assert chunk_spans(minilm.tokenizer, "", "fixed", chunk_tokens=4) == [(0, 0)]
-    with pytest.raises(ValueError, match="none, fixed, sentences"):
-        chunk_spans(minilm.tokenizer, "x", "semantic")
-
-
 def test_one_token_document_with_instruction_jina(tiny_jina_dir):
     """Reference rule (spec §6.3): the single span of document "A" is (0, n_instr + 3)."""
     enc = load_encoder(str(tiny_jina_dir), device="cpu")
@@ -139,17 +111,39 @@ def test_one_token_document_with_instruction_jina(tiny_jina_dir):
     late = enc.encode_spans(["A"], [[(0, 1)]], task="retrieval.passage")[0]
     np.testing.assert_allclose(late, enc.encode(["A"], task="retrieval.passage"), atol=ATOL_FP32)
 
+def _context_free_forward(seqs: list[np.ndarray], tasks: list[int | None]):
+    """A batched forward whose state for a token is (its id, its task): with no context, stitched windows
+    equal the whole document, so a misplaced or twice-kept overlap shows in the means. Batches of two
+    come back last first, as streams may return them."""
+    batches = [list(range(i, min(i + 2, len(seqs)))) for i in range(0, len(seqs), 2)]
+    for batch in reversed(batches):
+        states = torch.cat([torch.stack([torch.as_tensor(seqs[i], dtype=torch.float32),
+                                         torch.full((len(seqs[i]),), float(tasks[i]))], dim=1) for i in batch])
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(seqs[i]) for i in batch])]))
+        yield batch, states, offsets
 
-def test_chunks_never_split_a_lone_metaspace_token_from_its_word(tiny_jina_dir):
-    """SentencePiece may emit '▁' alone with the next token's offsets; no cut may fall between them."""
-    enc = load_encoder(str(tiny_jina_dir), device="cpu")
-    text = "A man is playing the drums. Two dogs zigzag quietly. Xylophones vex qualmish jockeys."
-    starts, ends = enc.tokenizer.content_offsets(text)
-    shared = [i for i in range(1, len(starts)) if starts[i] < ends[i - 1]]
-    assert shared, "fixture text should contain a lone '▁' token for this test to mean anything"
-    for size in range(1, 8):
-        spans = fixed_token_spans(enc.tokenizer, text, size)
-        assert all(a[1] <= b[0] for a, b in zip(spans[:-1], spans[1:], strict=True)), (size, spans)
-        doc = enc.tokenizer.encode_with_offsets([text], [""])[0]
-        ts = token_spans(doc, spans)
-        assert (ts[1:, 0] == ts[:-1, 1]).all() and ts[0, 0] == 0 and ts[-1, 1] == len(doc.ids)
+
+def test_stitched_windows_pool_like_the_whole_document():
+    lengths = [5, 40, 100, 7, 33]
+    seqs = [np.arange(n, dtype=np.int64) + 1000 * d for d, n in enumerate(lengths)]
+    spans = [np.array([*[(s, min(s + 6, n)) for s in range(0, n, 6)], (0, n)]) for n in lengths]
+    tasks = [3, 1, 4, 1, 5]
+    got = embed_spans(_context_free_forward, seqs, spans, tasks, window=16, overlap=4, group_tokens=50)
+    for seq, sp, task, v in zip(seqs, spans, tasks, got, strict=True):
+        want = [[seq[s:e].mean(), task] for s, e in sp]
+        np.testing.assert_allclose(v.numpy(), want, rtol=0, atol=1e-4)
+
+
+def test_a_span_outside_its_document_is_refused():
+    seqs = [np.arange(10), np.arange(20)]
+    with pytest.raises(ValueError, match="document 1: span outside its 20 tokens"):
+        embed_spans(_context_free_forward, seqs, [np.array([[0, 10]]), np.array([[0, 21]])], [0, 0],
+                    window=8, overlap=2, group_tokens=64)
+
+
+def test_window_defaults_to_the_model_maximum_and_a_quarter_overlap():
+    assert window_and_overlap(None, None, 8192) == (8192, 512)
+    assert window_and_overlap(256, None, 8192) == (256, 64)
+    assert window_and_overlap(256, 0, 8192) == (256, 0)
+    with pytest.raises(ValueError, match="window 300 exceeds the model maximum 256"):
+        window_and_overlap(300, None, 256)

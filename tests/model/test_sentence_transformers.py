@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import spearmanr
 from shared_data import minilm_dir, sts_pairs, sts_sentences
 
-from model import load_encoder
-
 COSINE_MIN = 0.99999  # fp32 parity with the reference implementation
 PUBLISHED_STS_SPEARMAN = 0.8203247  # MTEB STSBenchmark test, all-MiniLM-L6-v2 (cosine)
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32)
 
 
 def test_declared_settings(minilm):

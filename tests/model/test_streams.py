@@ -1,8 +1,9 @@
-"""CPU batch streams: several batches forward at once, one thread each, with the same results."""
+"""CPU batch streams (`model.streams`): several batches forward at once, one thread each, with the same results."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from shared_data import minilm_dir, sts_sentences
 
 from model import load_encoder
+from model.streams import CpuStreams, per_thread_intra_op
 
 MAX_BATCH_TOKENS = 512  # small batches, so a few hundred sentences make dozens of them
 
@@ -83,3 +85,29 @@ def test_an_error_in_a_stream_reaches_the_caller(encoders, monkeypatch):
 def test_streams_must_be_positive():
     with pytest.raises(ValueError, match="cpu_streams"):
         load_encoder(str(minilm_dir()), device="cpu", dtype=torch.float32, cpu_streams=0)
+
+
+@pytest.mark.skipif(not per_thread_intra_op(), reason="streams need torch's OpenMP backend")
+def test_two_streams_run_two_jobs_at_once_each_exactly_once_on_one_thread():
+    streams = CpuStreams(2)
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def job(x: int) -> tuple[int, int]:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)  # long enough for the other stream to start
+        with lock:
+            running[0] -= 1
+        return x, torch.get_num_threads()
+
+    out = list(streams.map(job, list(range(7))))
+    assert sorted(x for x, _ in out) == list(range(7))
+    assert peak[0] == 2 and all(threads == 1 for _, threads in out)
+
+
+def test_one_stream_runs_jobs_in_order_in_the_callers_thread():
+    names = list(CpuStreams(1).map(lambda x: (x, threading.current_thread().name), [3, 1, 2]))
+    assert names == [(x, threading.current_thread().name) for x in (3, 1, 2)]
+    with pytest.raises(ValueError, match="cpu_streams must be >= 1, got 0"):
+        CpuStreams(0)

@@ -28,3 +28,9 @@ def test_layout_follows_the_cluster(cluster, encode, want):
     job = resolve(_cfg(**encode), cluster=cluster)
     assert (job.actors, job.gpus_per_actor, job.cpu_threads, job.prepare_tasks) == want
 
+
+def test_dims_are_checked_by_the_models_rule_once_each():
+    assert resolve(_cfg(dims=(64, 384, 64)), cluster={"CPU": 2}).dims == (64, 384)
+    assert resolve(_cfg(), cluster={"CPU": 2}).dims == (384,)  # none asked: the full dim
+    with pytest.raises(ValueError, match=r"dim 385 is not available from .*; valid dims: 1\.\.384"):
+        resolve(_cfg(dims=(64, 385)), cluster={"CPU": 2})
