@@ -122,6 +122,17 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     embed.add_argument("--tokens-per-second", help="per-actor throughput for the --dry-run estimate")
 
 
+def add_reembed_arguments(p: argparse.ArgumentParser) -> None:
+    """`reembed`: the job options (the table must exist), plus what to do with documents gone from the source."""
+    add_job_arguments(p)
+    reembed = p.add_argument_group("reembed")
+    reembed.add_argument("--delete-missing", action="store_true", default=None,
+                         help="delete the table's documents that the source no longer has (default: count and keep them)")
+    reembed.add_argument("--full", action="store_true", default=None,
+                         help="re-embed every document (a model or settings change); readers see the old vectors "
+                              "until one commit switches them over")
+
+
 def merge_options(args: argparse.Namespace) -> dict:
     """The options given: the config file's, overridden by flags given on the command line.
 
@@ -234,12 +245,31 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reembed(args: argparse.Namespace) -> int:
+    opts = merge_options(args)
+    delete_missing, full = bool(opts.pop("delete_missing", False)), bool(opts.pop("full", False))
+    check_value("--delete-missing", delete_missing, bool)
+    check_value("--full", full, bool)
+    if delete_missing and full:
+        raise ValueError("--full replaces the whole table (documents gone from the source go with it); drop --delete-missing")
+    cfg = build_config(opts)
+    from pipeline.report import format_report
+    from pipeline.run import run_job
+
+    report = run_job(cfg, mode="full" if full else "reembed", delete_missing=delete_missing)
+    print(format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedlake", description="Batch embedding: Parquet corpora -> LanceDB tables on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     embed = sub.add_parser("embed", help="embed a Parquet corpus into a LanceDB table")
     add_embed_arguments(embed)
     embed.set_defaults(func=cmd_embed)
+    reembed = sub.add_parser("reembed", help="update a table from its source: embed only new and changed documents")
+    add_reembed_arguments(reembed)
+    reembed.set_defaults(func=cmd_reembed)
     query = sub.add_parser("query", help="search a table written by `embed`")
     query.add_argument("--db", required=True, help="LanceDB URI")
     query.add_argument("--table", required=True, help="table name")
