@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import lance
 import pyarrow as pa
@@ -45,6 +46,7 @@ from pipeline.storage import StorageConfig, url_path
 from pipeline.table_meta import TableMetadata
 
 Mode = Literal["create", "append", "overwrite", "reembed", "full"]
+T = TypeVar("T")
 CONFLICT_RETRIES = 10
 MAX_REJECT_SAMPLE = 100  # rejected rows listed in the summary; all are counted by reason
 _RESULT_COLUMNS = ("fragments", "num_rows", "rejected", "reject_sample", "documents", "replace", "edges")
@@ -159,6 +161,18 @@ def deletions_for(ds: lance.LanceDataset, ids: list[str]) -> tuple[list[int], li
     return removed, updated, hits.num_rows
 
 
+def _retry_conflicts(attempt: Callable[[], T]) -> T:
+    """`attempt()` until no concurrent commit conflicts with it (each attempt re-reads what it builds on)."""
+    for n in range(CONFLICT_RETRIES):
+        try:
+            return attempt()
+        except CommitConflictError:
+            if n == CONFLICT_RETRIES - 1:
+                raise
+            time.sleep(0.05 * 2**n)
+    raise AssertionError("unreachable")
+
+
 class LanceCommitter:
     """Driver-side committer of `FragmentWriter` results; see the module docstring for the semantics.
 
@@ -269,8 +283,7 @@ class LanceCommitter:
         ds = lance.LanceDataset.commit(self.uri, LanceOperation.Overwrite(self.schema, []), read_version=existing.version,
                                        storage_options=self.storage_options, detached=True)
         self._stage_version = ds.version
-        self._commit_metadata(ds.version, running=True)
-        self._write_pointer()
+        self._commit_metadata(ds.version, running=True)  # also writes the pointer
         return self._resumed(None, resumed=False)
 
     def _resumed(self, base: int | None, *, resumed: bool) -> Resume:
@@ -359,7 +372,8 @@ class LanceCommitter:
         """ONE commit that drops every chunk of `ids` and adds `fragments`, guarded by the version the
         deletions were computed on; recomputed and retried when a concurrent commit conflicts.
         Returns (the new version, rows deleted), or (None, 0) when there was nothing to change."""
-        for attempt in range(CONFLICT_RETRIES):
+
+        def attempt() -> tuple[lance.LanceDataset | None, int]:
             ds = lance.dataset(self.uri, version=self._stage_version if self.staged else None,
                                storage_options=self.storage_options)
             removed, updated, deleted = deletions_for(ds, ids)
@@ -370,28 +384,32 @@ class LanceCommitter:
             else:
                 op = LanceOperation.Append(fragments)
             props = self._properties(what, replaced_rows=deleted, **counts)
-            try:
-                new = lance.LanceDataset.commit(self.uri, lance.Transaction(ds.version, op, transaction_properties=props),
-                                                storage_options=self.storage_options, detached=self.staged)
-            except CommitConflictError:
-                if attempt == CONFLICT_RETRIES - 1:
-                    raise
-                time.sleep(0.05 * 2**attempt)
-                continue
-            if self.staged:
-                self._stage_version = new.version
-                self._write_pointer()
-            return new, deleted
-        raise AssertionError("unreachable")
+            return self._commit(lance.Transaction(ds.version, op, transaction_properties=props)), deleted
+
+        return _retry_conflicts(attempt)
 
     def _commit_metadata(self, read_version: int, *, running: bool) -> int:
+        """This run's metadata as the table's, replacing the previous run's. Two live runs on one table
+        (backfills of different partitions) both write it: a conflict re-reads the latest and retries."""
         meta = replace(self.metadata, state="running" if running else "complete")
         op = LanceOperation.UpdateConfig(table_metadata_updates=LanceOperation.UpdateMap(meta.to_metadata(), replace=True))
-        tx = lance.Transaction(read_version, op, transaction_properties=self._properties("metadata"))
+        versions = iter([read_version])
+
+        def attempt() -> lance.LanceDataset:
+            base = next(versions, None)
+            if base is None:  # a retry: the latest version, which a concurrent run moved
+                base = lance.dataset(self.uri, storage_options=self.storage_options).version
+            return self._commit(lance.Transaction(base, op, transaction_properties=self._properties("metadata")))
+
+        return _retry_conflicts(attempt).version
+
+    def _commit(self, tx: lance.Transaction) -> lance.LanceDataset:
+        """Commit (detached while staging: then the pointer follows the new staged version)."""
         ds = lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options, detached=self.staged)
         if self.staged:
             self._stage_version = ds.version
-        return ds.version
+            self._write_pointer()
+        return ds
 
     # -- finish -------------------------------------------------------------------------------------
 
