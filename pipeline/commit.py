@@ -161,6 +161,11 @@ def deletions_for(ds: lance.LanceDataset, ids: list[str]) -> tuple[list[int], li
     return removed, updated, hits.num_rows
 
 
+def run_tag(run_id: str) -> str:
+    """The tag on the version a finished run left the table at."""
+    return f"embedlake-run-{run_id}"
+
+
 def _retry_conflicts(attempt: Callable[[], T]) -> T:
     """`attempt()` until no concurrent commit conflicts with it (each attempt re-reads what it builds on)."""
     for n in range(CONFLICT_RETRIES):
@@ -388,9 +393,10 @@ class LanceCommitter:
 
         return _retry_conflicts(attempt)
 
-    def _commit_metadata(self, read_version: int, *, running: bool) -> int:
+    def _commit_metadata(self, read_version: int, *, running: bool, **counts: int) -> int:
         """This run's metadata as the table's, replacing the previous run's. Two live runs on one table
-        (backfills of different partitions) both write it: a conflict re-reads the latest and retries."""
+        (backfills of different partitions) both write it: a conflict re-reads the latest and retries.
+        The final one carries the run's counts for `history`."""
         meta = replace(self.metadata, state="running" if running else "complete")
         op = LanceOperation.UpdateConfig(table_metadata_updates=LanceOperation.UpdateMap(meta.to_metadata(), replace=True))
         versions = iter([read_version])
@@ -399,7 +405,8 @@ class LanceCommitter:
             base = next(versions, None)
             if base is None:  # a retry: the latest version, which a concurrent run moved
                 base = lance.dataset(self.uri, storage_options=self.storage_options).version
-            return self._commit(lance.Transaction(base, op, transaction_properties=self._properties("metadata")))
+            props = self._properties("metadata" if running else "complete", **counts)
+            return self._commit(lance.Transaction(base, op, transaction_properties=props))
 
         return _retry_conflicts(attempt).version
 
@@ -421,16 +428,21 @@ class LanceCommitter:
         self._commit_window()
         if self.rows_committed != self.rows_received:
             raise RuntimeError(f"committed {self.rows_committed} rows of {self.rows_received} received; this is a bug")
+        counts = {"rows": self.rows_committed, "replaced_rows": self.replaced_rows,
+                  "documents_new": self.documents.get("new", 0), "documents_changed": self.documents.get("changed", 0),
+                  "documents_unchanged": self.documents.get("unchanged", 0), "documents_deleted": self.deleted_documents}
         if self.staged:
-            self._commit_metadata(self._stage_version, running=False)
+            self._commit_metadata(self._stage_version, running=False, **counts)
             latest = lance.dataset(self.uri, storage_options=self.storage_options).version
             tx = lance.Transaction(latest, LanceOperation.Restore(self._stage_version),
-                                   transaction_properties=self._properties("switch", rows=self.rows_committed))
+                                   transaction_properties=self._properties("switch", **counts))
             version = lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options).version
             self._remove_pointer()
         else:
             latest = lance.dataset(self.uri, storage_options=self.storage_options).version
-            version = self._commit_metadata(latest, running=False)
+            version = self._commit_metadata(latest, running=False, **counts)
+        # Tagged, so version cleanup keeps every finished run's table for `rollback`.
+        lance.dataset(self.uri, storage_options=self.storage_options).tags.create(run_tag(self.metadata.run_id), version)
         self._finished = True
         assert self.resume is not None
         return CommitSummary(

@@ -192,7 +192,7 @@ def test_windowed_commits_are_whole_and_monotone(written):
     ds = lance.dataset(uri)
     props = [ds.read_transaction(v).transaction_properties for v in range(2, 7)]
     assert all(p["embedlake.run_id"] == "run-test-1" and p["embedlake.kind"] == "create" for p in props), props
-    assert [p["embedlake.what"] for p in props] == ["metadata", "window", "window", "window", "metadata"]
+    assert [p["embedlake.what"] for p in props] == ["metadata", "window", "window", "window", "complete"]
     assert [int(p["embedlake.rows"]) for p in props[1:4]] == counts[:1] + [5 * per_block, 2 * per_block]
 
 
