@@ -41,6 +41,11 @@ EXTRA_IMPORTS = {
     "sentence_transformers": ("test", "sentence-transformers"),  # bench: the reference it is compared to
 }
 
+# Guarded imports with no extra at all, each with why: the bench's ONNX row of sentence-transformers
+# needs optimum-onnx, whose every release requires transformers < 4.58 while embedlake needs >= 5, so
+# no extra can install it; the bench skips that row with this reason when the import fails.
+GUARDED_WITHOUT_EXTRA = {"onnxruntime": "jobs/bench.py ONNX row", "optimum": "jobs/bench.py ONNX row"}
+
 
 def _normalized(name: str) -> str:
     """PEP 503 name: `PyYAML` and `pyyaml`, `huggingface_hub` and `huggingface-hub` compare equal."""
@@ -102,6 +107,8 @@ def test_every_import_is_declared():
     extras = {name: {_requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
     missing = []
     for name, files in sorted(_third_party_imports().items()):
+        if name in GUARDED_WITHOUT_EXTRA:
+            continue
         dists = _distributions(name)
         if not dists:
             missing.append(f"{name} (imported by {sorted(files)}): no installed distribution provides it")

@@ -134,7 +134,7 @@ def test_settings_change_is_refused_and_full_replaces_in_one_switch(ray_up, tmp_
 # SIGKILL the driver's process group after its first committed window, re-run the same command
 # --------------------------------------------------------------------------------------------------
 
-KILL_DOCS, KILL_WINDOW = 160, 20
+KILL_DOCS, KILL_WINDOW = 140, 20
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ builds its rows shows as a difference in one named column of one row.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 from shared_data import minilm_dir, qmsum_transcripts, sts_sentences
@@ -46,7 +48,8 @@ def tok():
 def _unit(doc_id, text, lang, ids, spans, **extra) -> dict:
     row = {"id": doc_id, "text": text, "content_hash": content_hash(text), "_ids": [int(i) for i in ids],
            "_char_spans": [x for span in spans for x in span], "_token_spans": [], "_first_chunk": 0,
-           "_doc_chunks": len(spans), "_reject_reason": None, "_docs": 1, "_truncated": 0, "lang": lang}
+           "_doc_chunks": len(spans), "_reject_reason": None, "_status": "new", "_docs": 1, "_truncated": 0,
+           "lang": lang}
     return row | extra
 
 
@@ -58,7 +61,8 @@ def _expected(docs: pa.Table, mode: str, tok) -> list[dict]:
             text = r["text"]
             out.append({"id": r["id"], "text": text, "content_hash": None if text is None else content_hash(text), "_ids": [],
                         "_char_spans": [], "_token_spans": [], "_first_chunk": 0, "_doc_chunks": 0,
-                        "_reject_reason": BAD[pos][2], "_docs": 0, "_truncated": 0, "lang": r["lang"]})
+                        "_reject_reason": BAD[pos][2], "_status": None, "_docs": 0, "_truncated": 0,
+                        "lang": r["lang"]})
             continue
         text = f"{r['title']} {r['text']}" if r["title"] else r["text"]
         whole = tok.encode_with_offsets([text], [""])[0]  # untruncated, with the content tokens' offsets
@@ -107,3 +111,27 @@ def test_no_rows_no_units(tok):
     for ch in MODES.values():
         units = prepare_batch(empty, PrepareSpec(source=source, chunking=ch, model=str(minilm_dir()), task=None, window=WINDOW))
         assert units.num_rows == 0 and "lang" in units.column_names and "_doc_chunks" in units.column_names
+
+
+def test_documents_the_table_holds_unchanged_are_not_tokenized(docs, tmp_path):
+    """With a lookup, a document whose id and hash the table holds becomes one `unchanged` row (no tokens);
+    one whose hash differs is `changed` and fully prepared."""
+    import lance
+
+    from pipeline.diff import LookupSpec
+
+    source = SourceConfig(input="unused", title_column="title", keep_columns=("lang",))
+    spec = PrepareSpec(source=source, chunking=MODES["late"], model=str(minilm_dir()), task=None, window=WINDOW)
+    fresh = prepare_batch(docs, spec).filter(pa.compute.is_null(pa.compute.field("_reject_reason")))
+    first = fresh.slice(0, 2).to_pylist()
+    table = pa.table({"id": [first[0]["id"], first[1]["id"], first[1]["id"]], "chunk": pa.array([0, 0, 1], pa.int32()),
+                      "content_hash": [first[0]["content_hash"], "an older hash", "an older hash"]})
+    uri = str(tmp_path / "t.lance")
+    version = lance.write_dataset(table, uri).version
+    units = prepare_batch(docs, dataclasses.replace(spec, lookup=LookupSpec(uri, version))).drop_columns(["_prepare_s"])
+    by_id = {r["id"]: r for r in units.to_pylist() if r["_reject_reason"] is None}
+    same, changed = by_id[first[0]["id"]], by_id[first[1]["id"]]
+    assert same["_status"] == "unchanged" and same["_ids"] == [] and same["text"] is None and same["_docs"] == 0
+    assert same["content_hash"] == first[0]["content_hash"]
+    assert changed["_status"] == "changed" and changed["_ids"] == first[1]["_ids"] and changed["_docs"] == 1
+    assert {r["_status"] for i, r in by_id.items() if i not in (first[0]["id"], first[1]["id"])} == {"new"}
