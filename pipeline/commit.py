@@ -49,7 +49,21 @@ Mode = Literal["create", "append", "overwrite", "reembed", "full"]
 T = TypeVar("T")
 CONFLICT_RETRIES = 10
 MAX_REJECT_SAMPLE = 100  # rejected rows listed in the summary; all are counted by reason
-_RESULT_COLUMNS = ("fragments", "num_rows", "rejected", "reject_sample", "documents", "replace", "edges")
+_RESULT_COLUMNS = ("fragments", "num_rows", "rejected", "reject_sample", "documents", "replace", "edges",
+                   "rejected_fragments", "rejected_keys")
+REJECTED_SCHEMA = pa.schema([("key", pa.string()), ("run_id", pa.string()), ("file", pa.string()),
+                             ("row", pa.int64()), ("id", pa.string()), ("reason", pa.string())])
+
+
+def staging_url(uri: str, name: str) -> str:
+    """Where a run keeps what it stages beside the table (never inside the Lance directory, whose
+    cleanup owns every file there): `<table>.staging/<name>`."""
+    return f"{uri.removesuffix('.lance')}.staging/{name}"
+
+
+def rejected_uri(uri: str) -> str:
+    """`<table>_rejected` beside the table: one row per rejected source row (or skipped file)."""
+    return f"{uri.removesuffix('.lance')}_rejected.lance"
 
 
 @dataclass
@@ -60,6 +74,8 @@ class WriterResult:
     rows: int
     replace: list[str]  # ids whose previous chunks these rows replace
     edges: dict[str, list[int]]  # id -> [chunks here, chunks of the document] for split documents
+    rejected_fragments: list[FragmentMetadata] = field(default_factory=list)  # rows for `<table>_rejected`
+    rejected_keys: list[str] = field(default_factory=list)  # their keys (file#row)
 
 
 class DocWindows:
@@ -139,26 +155,41 @@ def _sql_list(ids: list[str]) -> str:
     return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
 
 
-def deletions_for(ds: lance.LanceDataset, ids: list[str]) -> tuple[list[int], list[FragmentMetadata], int]:
-    """(removed fragment ids, updated fragments, rows deleted) that drop every row of `ids` from `ds`.
+def deletions_for(ds: lance.LanceDataset, ids: list[str], column: str = "id") -> tuple[list[int], list[FragmentMetadata], int]:
+    """(removed fragment ids, updated fragments, rows deleted) that drop every row whose `column` is in
+    `ids` from `ds`.
 
-    The id lookup scans only the `id` column (a BTREE index on it, when present, makes it a lookup);
+    The lookup scans only that column (a BTREE index on it, when present, makes it a lookup);
     deletion vectors are then written for the fragments that hold those ids only.
     """
     if not ids:
         return [], [], 0
-    hits = ds.scanner(columns=["id"], filter=pc.field("id").isin(ids), with_row_address=True).to_table()
+    hits = ds.scanner(columns=[column], filter=pc.field(column).isin(ids), with_row_address=True).to_table()
     by_fragment: dict[int, set[str]] = {}
-    for i, addr in zip(hits["id"].to_pylist(), hits["_rowaddr"].to_pylist(), strict=True):
+    for i, addr in zip(hits[column].to_pylist(), hits["_rowaddr"].to_pylist(), strict=True):
         by_fragment.setdefault(addr >> 32, set()).add(i)
     removed, updated = [], []
     for fid, fids in sorted(by_fragment.items()):
-        new = ds.get_fragment(fid).delete(f"id IN ({_sql_list(sorted(fids))})")
+        new = ds.get_fragment(fid).delete(f"{column} IN ({_sql_list(sorted(fids))})")
         if new is None:
             removed.append(fid)
         else:
             updated.append(new)
     return removed, updated, hits.num_rows
+
+
+def _replacing(ds: lance.LanceDataset, column: str, keys: list[str], fragments: list[FragmentMetadata],
+               properties: dict[str, str]) -> tuple[lance.Transaction | None, int]:
+    """The transaction that drops the rows of `keys` and adds `fragments`, based on `ds`'s version."""
+    removed, updated, deleted = deletions_for(ds, keys, column)
+    if not fragments and not deleted:
+        return None, 0
+    if removed or updated:
+        op = LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
+    else:
+        op = LanceOperation.Append(fragments)
+    props = {**properties, "embedlake.replaced_rows": str(deleted)}
+    return lance.Transaction(ds.version, op, transaction_properties=props), deleted
 
 
 def run_tag(run_id: str) -> str:
@@ -202,6 +233,7 @@ class LanceCommitter:
                 f"commit_every_rows must be >= 1 and commit_every_s > 0, got {commit_every_rows} and {commit_every_s}"
             )
         self.uri = uri
+        self.rejected_uri = rejected_uri(uri)
         self.schema = schema
         self.storage = storage
         self.storage_options = storage.lance_options()
@@ -291,7 +323,13 @@ class LanceCommitter:
         self._commit_metadata(ds.version, running=True)  # also writes the pointer
         return self._resumed(None, resumed=False)
 
+    def _ensure_rejected_table(self) -> None:
+        if open_existing(self.rejected_uri, self.storage_options) is None:
+            lance.LanceDataset.commit(self.rejected_uri, LanceOperation.Overwrite(REJECTED_SCHEMA, []),
+                                      storage_options=self.storage_options)
+
     def _resumed(self, base: int | None, *, resumed: bool) -> Resume:
+        self._ensure_rejected_table()
         rows = 0 if base is None else open_existing(self.uri, self.storage_options, base).count_rows()
         self.resume = Resume(base_version=base, resumed=resumed, staged=self.staged, rows_before=rows)
         self._last_commit_t = time.monotonic()
@@ -309,6 +347,8 @@ class LanceCommitter:
                 rows=int(row["num_rows"]),
                 replace=json.loads(row["replace"]),
                 edges=json.loads(row["edges"]),
+                rejected_fragments=[FragmentMetadata.from_json(json.dumps(d)) for d in json.loads(row["rejected_fragments"])],
+                rejected_keys=json.loads(row["rejected_keys"]),
             )
             if sum(f.physical_rows for f in result.fragments) != result.rows:
                 raise RuntimeError("writer reported a row count its fragments do not hold; this is a bug")
@@ -350,6 +390,7 @@ class LanceCommitter:
 
     def _commit_window(self) -> None:
         results, self._windows.ready = self._windows.ready, []
+        self._commit_rejected(results)
         fragments = [f for r in results for f in r.fragments]
         rows = sum(r.rows for r in results)
         new, deleted = self._commit_replacing(sorted({i for r in results for i in r.replace}), fragments,
@@ -381,17 +422,26 @@ class LanceCommitter:
         def attempt() -> tuple[lance.LanceDataset | None, int]:
             ds = lance.dataset(self.uri, version=self._stage_version if self.staged else None,
                                storage_options=self.storage_options)
-            removed, updated, deleted = deletions_for(ds, ids)
-            if not fragments and not deleted:
-                return None, 0
-            if removed or updated:
-                op = LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
-            else:
-                op = LanceOperation.Append(fragments)
-            props = self._properties(what, replaced_rows=deleted, **counts)
-            return self._commit(lance.Transaction(ds.version, op, transaction_properties=props)), deleted
+            tx, deleted = _replacing(ds, "id", ids, fragments, self._properties(what, **counts))
+            return (None, 0) if tx is None else (self._commit(tx), deleted)
 
         return _retry_conflicts(attempt)
+
+    def _commit_rejected(self, results: list[WriterResult]) -> None:
+        """The window's rejected rows into `<table>_rejected`, before its data: a crash between the two
+        re-rejects those rows on resume, and they replace themselves by `key` (file#row), never doubled."""
+        fragments = [f for r in results for f in r.rejected_fragments]
+        if not fragments:
+            return
+        keys = sorted({k for r in results for k in r.rejected_keys})
+
+        def attempt() -> None:
+            ds = lance.dataset(self.rejected_uri, storage_options=self.storage_options)
+            tx, _ = _replacing(ds, "key", keys, fragments, self._properties("rejected", rows=len(keys)))
+            if tx is not None:
+                lance.LanceDataset.commit(self.rejected_uri, tx, storage_options=self.storage_options)
+
+        _retry_conflicts(attempt)
 
     def _commit_metadata(self, read_version: int, *, running: bool, **counts: int) -> int:
         """This run's metadata as the table's, replacing the previous run's. Two live runs on one table
@@ -463,7 +513,7 @@ class LanceCommitter:
     # -- staging pointer ----------------------------------------------------------------------------
 
     def _pointer_url(self) -> str:
-        return f"{self.uri.removesuffix('.lance')}.staging/{self.metadata.job_key}.json"
+        return staging_url(self.uri, f"{self.metadata.job_key}.json")
 
     def _read_pointer(self) -> int | None:
         url = self._pointer_url()

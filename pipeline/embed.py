@@ -23,6 +23,10 @@ import torch
 from model import load_encoder
 from pipeline.diff import UNCHANGED
 from pipeline.prepare import CHAR_SPANS, DOC_CHUNKS, FIRST_CHUNK, IDS, REJECT, STATUS, TOKEN_SPANS
+from pipeline.read import SOURCE_FILE, SOURCE_ROW
+
+# Internal columns every output row of a unit carries on to the writer (not summed as stats).
+PER_UNIT = (STATUS, DOC_CHUNKS, SOURCE_FILE, SOURCE_ROW)
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class EmbedStage:
         }
         for name in batch.column_names:  # carry upstream stats (sums) on the first output row
             numeric = pa.types.is_integer(batch[name].type) or pa.types.is_floating(batch[name].type)
-            if name.startswith("_") and numeric and name not in (FIRST_CHUNK, DOC_CHUNKS):  # per-row, not stats
+            if name.startswith("_") and numeric and name not in (FIRST_CHUNK, *PER_UNIT):  # per-row, not stats
                 stats[name] = pc.sum(batch[name]).as_py() or 0
         release_free_memory()
         n = out.num_rows
@@ -189,15 +193,16 @@ class EmbedStage:
         for c in self.spec.keep_columns:
             cols[c] = units[c].take(take)
         cols[REJECT] = pa.nulls(len(chunk), pa.string())
-        for c in (STATUS, DOC_CHUNKS):
-            cols[c] = units[c].take(take)
+        for c in PER_UNIT:
+            if c in units.column_names:
+                cols[c] = units[c].take(take)
         return pa.table(cols)
 
     def _passthrough(self, rejected: pa.Table, schema: pa.Schema) -> pa.Table:
         """Rejected units as rows of the output schema: nulls everywhere but id, reason, `_doc_chunks` (0), kept columns."""
         cols = {}
         for f in schema:
-            if f.name in ("id", "content_hash", REJECT, STATUS, DOC_CHUNKS) or f.name in self.spec.keep_columns:
+            if f.name in ("id", "content_hash", REJECT, *PER_UNIT) or f.name in self.spec.keep_columns:
                 cols[f.name] = rejected[f.name].cast(f.type)
             elif f.name == "chunk":
                 cols[f.name] = pa.array(np.zeros(rejected.num_rows, np.int32))

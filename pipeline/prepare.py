@@ -24,7 +24,9 @@ import pyarrow as pa
 from model import TextTokenizer, chunk_spans, token_spans
 from model.tokenization import CharSpan
 from pipeline.config import ChunkingConfig, SourceConfig
+from pipeline.dedup import DUPLICATE, duplicates
 from pipeline.diff import UNCHANGED, LookupSpec, statuses
+from pipeline.read import SOURCE_FILE, SOURCE_ROW
 
 # Internal columns (prefix "_") travel with the rows and are summed or dropped by the writer.
 IDS = "_ids"  # list<int32> model input token ids of the unit
@@ -51,6 +53,7 @@ class PrepareSpec:
     # transformers (seconds of CPU per worker, taken from the encoder beside them on small nodes).
     tokenizer_ref: object | None = None
     lookup: LookupSpec | None = None  # the table version to diff against (resume, reembed); None: all new
+    ids_index: LookupSpec | None = None  # the run's (id, file, row) index (pipeline.dedup); None: ids unchecked
 
 
 _TOKENIZERS: dict[object, TextTokenizer] = {}  # one per worker process: Ray reuses workers across tasks
@@ -209,12 +212,12 @@ def _units_for(ch: ChunkingConfig) -> UnitBuilder:
 
 
 def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingConfig, tokenizer: TextTokenizer,
-                  task: str | None, lookup: LookupSpec | None = None) -> pa.Table:
-    """Documents -> units, one row per unit in input order, kept columns along; no timing column.
+                  task: str | None, lookup: LookupSpec | None = None, ids_index: LookupSpec | None = None) -> pa.Table:
+    """Documents -> units, one row per unit in input order, kept and provenance columns along; no timing column.
 
     `tokenizer` truncates at the job's window. The dry-run estimate (`pipeline.plan`) calls this too,
     so its token counts are the stage's own. With `lookup`, documents the table holds unchanged cost
-    only their hash.
+    only their hash; with `ids_index` (`pipeline.dedup`), later occurrences of an id are rejected.
     """
     ids = batch.column(source.id_column).to_pylist()
     texts = batch.column(source.text_column).to_pylist()
@@ -227,20 +230,28 @@ def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingCo
             continue
         embedded = embedded_text(text, title)
         docs.append(_Doc(row, str(doc_id), embedded, content_hash(embedded)))
+    if ids_index is not None:
+        rows = [d.row for d in docs]
+        files, positions = batch[SOURCE_FILE].take(rows).to_pylist(), batch[SOURCE_ROW].take(rows).to_pylist()
+        repeated = duplicates(ids_index, [d.id for d in docs], files, positions)
+        for d in (d for d, dup in zip(docs, repeated, strict=True) if dup):
+            units.reject(d.row, d.id, d.text, DUPLICATE)
+        docs = [d for d, dup in zip(docs, repeated, strict=True) if not dup]
     found = statuses(lookup, [d.id for d in docs], [d.content_hash for d in docs])
     docs = [dataclasses.replace(d, status=st) for d, st in zip(docs, found, strict=True)]
     for d in docs:
         if d.status == UNCHANGED:
             units.unchanged(d)
     _units_for(chunking)([d for d in docs if d.status != UNCHANGED], tokenizer, tokenizer.prefix(task), chunking, units)
-    return units.table({c: batch.column(c) for c in source.keep_columns})
+    carried = [*source.keep_columns, *(c for c in (SOURCE_FILE, SOURCE_ROW) if c in batch.column_names)]
+    return units.table({c: batch.column(c) for c in carried})
 
 
 def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
     """The stage: `prepare_units` with the worker's tokenizer, and its time on the first row (`_prepare_s`)."""
     t0 = time.perf_counter()
     out = prepare_units(batch, source=spec.source, chunking=spec.chunking, tokenizer=_tokenizer(spec), task=spec.task,
-                        lookup=spec.lookup)
+                        lookup=spec.lookup, ids_index=spec.ids_index)
     seconds = np.zeros(out.num_rows)
     if out.num_rows:
         seconds[0] = time.perf_counter() - t0

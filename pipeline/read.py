@@ -16,6 +16,9 @@ from pipeline.config import SourceConfig
 from pipeline.storage import StorageConfig, url_path
 
 _GLOB_CHARS = "*?["
+# Provenance of every row, carried to the rejected-rows table and used to order duplicate ids.
+SOURCE_FILE = "_file"  # string: the file's URL (or local path), as `list_files` lists it
+SOURCE_ROW = "_row"  # int64: the row's position in that file, from 0
 BLOCK_BYTES = 64 << 20  # uncompressed bytes per read block: well under Ray Data's 128 MiB target
 
 
@@ -87,17 +90,23 @@ def _read_files(files: list[str], columns: list[str], storage: StorageConfig) ->
         with fs.open(url_path(f), "rb") as fh:
             pf = pq.ParquetFile(fh)
             check_columns(f, pf.schema_arrow, columns)
+            start = 0
             for g in range(pf.num_row_groups):
                 meta = pf.metadata.row_group(g)
                 rows = max(1, int(meta.num_rows * BLOCK_BYTES / max(meta.total_byte_size, 1)))
                 for batch in pf.iter_batches(batch_size=rows, row_groups=[g], columns=columns):
-                    yield pa.Table.from_batches([batch])
+                    n = batch.num_rows
+                    yield pa.Table.from_batches([batch]).append_column(
+                        SOURCE_FILE, pa.array([f] * n, pa.string())).append_column(
+                        SOURCE_ROW, pa.array(range(start, start + n), pa.int64()))
+                    start += n
 
 
 def read_source(
     source: SourceConfig, storage: StorageConfig, files: list[str], *, num_cpus: float, concurrency: int | None = None
 ) -> ray.data.Dataset:
-    """The source's id/text/title/kept columns of `files` (from `list_files`) as a Dataset."""
+    """The source's id/text/title/kept columns of `files` (from `list_files`) as a Dataset, with each
+    row's provenance (`SOURCE_FILE`, `SOURCE_ROW`)."""
     shards = ParquetShards(files, source.columns, storage)
     # One read task per file, its blocks as they come: Ray would otherwise split them into ~200
     # blocks to reach its default parallelism, each a task of its own downstream.

@@ -46,6 +46,7 @@ def build_report(job: dict, summary: CommitSummary, *, wall_s: float, indexes: d
         "documents_truncated": int(s.get("_truncated", 0)),
         "rejected_by_reason": dict(summary.rejected),
         "rejected_sample": summary.reject_sample,
+        "rejected_table": f"{job['table']}_rejected",
         "chunks_written": summary.rows_committed,
         "chunks_replaced": summary.replaced_rows,
         "tokens": tokens,

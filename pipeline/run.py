@@ -23,8 +23,9 @@ import pyarrow as pa
 import ray
 
 from model import EncoderInfo, TextTokenizer, describe_model
-from pipeline.commit import LanceCommitter, Mode, Resume
+from pipeline.commit import LanceCommitter, Mode, Resume, staging_url
 from pipeline.config import JobConfig
+from pipeline.dedup import index_source_ids, remove_ids
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
@@ -135,7 +136,8 @@ def table_metadata(job: ResolvedJob, kind: str) -> TableMetadata:
     return dataclasses.replace(meta, job_key=key)
 
 
-def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None = None) -> ray.data.Dataset:
+def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None = None,
+                  ids_index: LookupSpec | None = None) -> ray.data.Dataset:
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
@@ -145,7 +147,7 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
-                       tokenizer_ref=ray.put(job.tokenizer), lookup=lookup)
+                       tokenizer_ref=ray.put(job.tokenizer), lookup=lookup, ids_index=ids_index)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
                         compute=ray.data.TaskPoolStrategy(size=tasks))
     spec = EmbedSpec(
@@ -209,7 +211,11 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         log.info("resuming: %d rows of version %s already committed", resume.rows_before, resume.base_version)
     if mode == "reembed" and lookup is not None:
         _reconcile_missing(job, files, lookup, committer, delete=delete_missing)
-    summary = write_dataset(build_dataset(job, files, lookup), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    ids_uri = staging_url(uri, f"{committer.metadata.job_key}-ids.lance")
+    ids_index = index_source_ids(files, cfg.source.id_column, job.storage, ids_uri, num_cpus=LIGHT_TASK_CPUS,
+                                 concurrency=min(job.prepare_tasks, len(files)))
+    summary = write_dataset(build_dataset(job, files, lookup, ids_index), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    remove_ids(ids_uri, job.storage)
     if not committer.staged:
         ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
     indexes = {}

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
 from pipeline.prepare import DOC_CHUNKS, REJECT, STATUS
+from pipeline.read import SOURCE_FILE, SOURCE_ROW
 
 if TYPE_CHECKING:
     import ray.data
@@ -136,8 +137,10 @@ class FragmentWriter:
     """
 
     def __init__(self, uri: str, schema: pa.Schema, storage_options: Mapping[str, str], *,
-                 fresh_field_ids: bool = False, max_rows_per_file: int = 1024 * 1024):
+                 fresh_field_ids: bool = False, max_rows_per_file: int = 1024 * 1024,
+                 rejected_uri: str | None = None, run_id: str = ""):
         self.uri = uri
+        self.rejected_uri, self.run_id = rejected_uri, run_id
         self.schema = schema
         self.storage_options = dict(storage_options)
         self.max_rows_per_file = max_rows_per_file
@@ -185,9 +188,10 @@ class FragmentWriter:
                                               if STATUS in names else {"new": firsts.num_rows})]),
             "replace": pa.array([json.dumps(changed["id"].to_pylist())]),
             "edges": pa.array([json.dumps(_split_edges(accepted))]),
+            **self._write_rejected(rejected),
         }
         for name in batch.column_names:
-            if name.startswith(INTERNAL_PREFIX) and name not in (REJECT, STATUS, DOC_CHUNKS):
+            if name.startswith(INTERNAL_PREFIX) and name not in (REJECT, STATUS, DOC_CHUNKS, SOURCE_FILE, SOURCE_ROW):
                 summed = _numeric_sum(batch[name])
                 if summed is not None:
                     out[name] = pa.array([summed[1]], summed[0])
@@ -195,6 +199,23 @@ class FragmentWriter:
                     # String stats (e.g. which actor embedded a row) travel as value -> row count.
                     out[name] = pa.array([json.dumps(_value_counts(batch[name]))], pa.string())
         return pa.table(out)
+
+
+    def _write_rejected(self, rejected: pa.Table) -> dict[str, pa.Array]:
+        """Rejected rows with their provenance as uncommitted fragments of `<table>_rejected`."""
+        fragments: list[FragmentMetadata] = []
+        keys: list[str] = []
+        if self.rejected_uri and rejected.num_rows and SOURCE_FILE in rejected.column_names:
+            from pipeline.commit import REJECTED_SCHEMA
+
+            files, rows = rejected[SOURCE_FILE], rejected[SOURCE_ROW]
+            keys = [f"{f}#{r}" for f, r in zip(files.to_pylist(), rows.to_pylist(), strict=True)]
+            table = pa.table({"key": keys, "run_id": [self.run_id] * len(keys), "file": files, "row": rows,
+                              "id": rejected["id"], "reason": rejected[REJECT]}, schema=REJECTED_SCHEMA)
+            fragments = write_fragments(table, self.rejected_uri, schema=REJECTED_SCHEMA, mode="append",
+                                        storage_options=self.storage_options)
+        return {"rejected_fragments": pa.array([json.dumps([f.to_json() for f in fragments])]),
+                "rejected_keys": pa.array([json.dumps(keys)])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +244,8 @@ def write_dataset(
     import ray.data
 
     writer = FragmentWriter(committer.uri, committer.schema, committer.storage_options,
-                            fresh_field_ids=committer.staged)
+                            fresh_field_ids=committer.staged, rejected_uri=committer.rejected_uri,
+                            run_id=committer.metadata.run_id)
     # Tasks, not actors: an actor is one more process to start beside the encoders while they load,
     # and the writer keeps no state between batches. Task workers are pooled and reused.
     results = ds.map_batches(
