@@ -6,6 +6,8 @@ on them, `make()` a `LanceCommitter` that commits only when asked (no timed wind
 
 from __future__ import annotations
 
+import dataclasses
+
 import lance
 import pyarrow as pa
 
@@ -45,3 +47,21 @@ def table(uri: str, version: int | None = None) -> list[tuple[str, int, str]]:
 def write(uri: str, rows: pa.Table, *, staged: bool = False) -> pa.Table:
     return FragmentWriter(uri, SCHEMA, {}, fresh_field_ids=staged)(rows)
 
+
+
+def three_runs(uri: str) -> None:
+    """Runs r1 (create a, b, c), r2 (reembed: b changed), r3 (reembed: c deleted), each finished.
+
+    Each run's metadata says which run wrote it (`written_at`), so a restored version shows whose it is.
+    """
+    steps = [("r1", "create", docs({"a": 1, "b": 2, "c": 1}, status="new"), []),
+             ("r2", "reembed", docs({"b": 1}, version="v2", status="changed"), []),
+             ("r3", "reembed", None, ["c"])]
+    for run_id, mode, rows, deleted in steps:
+        c = make(uri, mode, dataclasses.replace(META, run_id=run_id, written_at=f"by {run_id}"))
+        c.begin()
+        if rows is not None:
+            c.add(write(uri, rows))
+        if deleted:
+            c.delete_documents(deleted)
+        c.finish()
