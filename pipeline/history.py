@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal
 
 import lance
@@ -49,12 +49,12 @@ class RunRecord:
     run_id: str
     kind: str  # create, append, overwrite, reembed, full, rollback, ...
     state: Literal["complete", "unfinished"]
-    started: datetime  # timestamp of its first main-line version
+    started: datetime  # UTC timestamp of its first main-line version
     ended: datetime  # ... and of its last
     first_version: int
     last_version: int
     tagged_version: int | None  # the version its tag keeps from cleanup
-    rows: int | None
+    rows: int | None  # None where the commits do not say: a rollback's counts, an unfinished run's added/changed
     added: int | None
     changed: int | None
     deleted: int | None
@@ -90,7 +90,9 @@ def _commits_by_run(ds: lance.LanceDataset) -> dict[str, list[_Commit]]:
         props = {k.removeprefix(PROPERTY_PREFIX): val for k, val in (tx.transaction_properties if tx else {}).items()
                  if k.startswith(PROPERTY_PREFIX)}
         if "run_id" in props:
-            runs.setdefault(props["run_id"], []).append(_Commit(v["version"], v["timestamp"], props))
+            # pylance gives naive local time; made UTC here so JSON and logs compare across machines.
+            at = v["timestamp"].astimezone(timezone.utc)
+            runs.setdefault(props["run_id"], []).append(_Commit(v["version"], at, props))
     return runs
 
 

@@ -35,7 +35,7 @@ def test_history_lists_each_run_with_its_kind_counts_and_versions(db):
     assert not any(r.partial for r in runs)
     versions = [v for r in runs for v in (r.first_version, r.last_version)]
     assert versions == sorted(versions) and versions[0] < versions[1]  # oldest first, runs do not overlap
-    assert all(r.tagged_version == r.last_version for r in runs)
+    assert all(r.tagged_version == r.last_version for r in runs) and runs[0].started.utcoffset() == timedelta(0)
     assert all(a.ended <= b.started for a, b in zip(runs, runs[1:], strict=False))
 
 
