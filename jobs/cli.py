@@ -37,6 +37,9 @@ from pipeline.config import (
     without_none,
 )
 
+if typing.TYPE_CHECKING:
+    from pipeline.storage import StorageConfig
+
 CONFIGS = (SourceConfig, EncodeConfig, ChunkingConfig, SinkConfig)  # the configs a job's options fill
 NOT_OPTIONS = ("config", "command", "func")  # parser entries that are no job option
 
@@ -261,6 +264,48 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage(args: argparse.Namespace) -> StorageConfig:
+    """The object store options of a table command: the environment's, then its --storage-option flags."""
+    from pipeline.storage import StorageConfig, parse_storage_options
+
+    return StorageConfig.from_env(parse_storage_options(args.storage_option or []))
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from jobs.eval import format_table
+    from pipeline.history import run_history
+
+    runs = run_history(args.db, args.table, _storage(args))
+    if args.json:
+        print(json.dumps([r.to_dict() for r in runs], indent=2))
+        return 0
+    rows = [{"run": r.run_id, "kind": r.kind if r.restored is None else f"rollback to {r.restored}",
+             "state": r.state + (" (partial)" if r.partial else ""), "versions": f"{r.first_version}-{r.last_version}",
+             "started": f"{r.started:%Y-%m-%dT%H:%M:%SZ}", "ended": f"{r.ended:%Y-%m-%dT%H:%M:%SZ}", "rows": r.rows,
+             "added": r.added, "changed": r.changed, "deleted": r.deleted,
+             "tagged": r.tagged_version} for r in runs]
+    print(format_table(rows, list(rows[0]) if rows else ["run"]))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline.history import rollback
+
+    version = rollback(args.db, args.table, args.to, _storage(args))
+    print(f"table {args.table} now reads as after {args.to} (version {version})")
+    return 0
+
+
+def _add_table_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand on one existing table: --db, --table and --storage-option."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--db", required=True, help="LanceDB URI")
+    p.add_argument("--table", required=True, help="table name")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="object store option (repeatable)")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedlake", description="Batch embedding: Parquet corpora -> LanceDB tables on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="object store option (repeatable)")
     query.add_argument("--json", action="store_true", help="print hits as JSON")
     query.set_defaults(func=cmd_query)
+    history = _add_table_command(sub, "history", "list the runs that wrote a table, oldest first", cmd_history)
+    history.add_argument("--json", action="store_true", help="print the runs as JSON")
+    rollback = _add_table_command(sub, "rollback", "make a table read as it did after a version or a run (one new commit)",
+                                  cmd_rollback)
+    rollback.add_argument("--to", required=True, metavar="VERSION|RUN_ID",
+                          help="a table version, or a run id (its tagged final version); a known run id wins")
     from jobs.bench import register_bench
 
     register_bench(sub)

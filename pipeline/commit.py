@@ -49,6 +49,8 @@ Mode = Literal["create", "append", "overwrite", "reembed", "full"]
 T = TypeVar("T")
 CONFLICT_RETRIES = 10
 MAX_REJECT_SAMPLE = 100  # rejected rows listed in the summary; all are counted by reason
+# Every commit's Lance transaction properties are named with this prefix; `pipeline.history` reads them.
+PROPERTY_PREFIX = "embedlake."
 _RESULT_COLUMNS = ("fragments", "num_rows", "rejected", "reject_sample", "documents", "replace", "edges",
                    "rejected_fragments", "rejected_keys")
 REJECTED_SCHEMA = pa.schema([("key", pa.string()), ("run_id", pa.string()), ("file", pa.string()),
@@ -385,8 +387,8 @@ class LanceCommitter:
     # -- commit -------------------------------------------------------------------------------------
 
     def _properties(self, what: str, **counts: int) -> dict[str, str]:
-        return {"embedlake.run_id": self.metadata.run_id, "embedlake.kind": self.kind, "embedlake.what": what,
-                **{f"embedlake.{k}": str(v) for k, v in counts.items()}}
+        props = {"run_id": self.metadata.run_id, "kind": self.kind, "what": what, **{k: str(v) for k, v in counts.items()}}
+        return {PROPERTY_PREFIX + k: v for k, v in props.items()}
 
     def _commit_window(self) -> None:
         results, self._windows.ready = self._windows.ready, []

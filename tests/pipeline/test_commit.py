@@ -8,44 +8,11 @@ import threading
 from collections import Counter
 
 import lance
-import pyarrow as pa
 import pytest
+from committed import META, docs, make, table, write
 
-from pipeline.commit import DocWindows, LanceCommitter, WriterResult
-from pipeline.sink import FragmentWriter, read_table_metadata, table_uri
-from pipeline.storage import StorageConfig
-from pipeline.table_meta import TableMetadata
-
-SCHEMA = pa.schema([("id", pa.string()), ("chunk", pa.int32()), ("text", pa.string()), ("content_hash", pa.string())])
-META = TableMetadata(run_id="r1", job_key="job-a", state="running", model="m@1", model_ref="m", model_family="test",
-                     task=None, query_task=None, dims=(8,), vector_dtype="float32", precision="float32",
-                     chunking={"mode": "fixed"})
-
-
-def docs(spec: dict[str, int], *, version: str = "v1", status: str | None = None) -> pa.Table:
-    """Chunk rows for {id: chunks}, as the embed stage hands them to the writer."""
-    rows = [(i, c, n) for i, n in spec.items() for c in range(n)]
-    return pa.table({
-        "id": [i for i, _, _ in rows],
-        "chunk": pa.array([c for _, c, _ in rows], pa.int32()),
-        "text": [f"{i} {version} chunk {c}" for i, c, _ in rows],
-        "content_hash": [f"{i}-{version}" for i, _, _ in rows],
-        "_doc_chunks": pa.array([n for _, _, n in rows], pa.int32()),
-        "_status": pa.array([status] * len(rows), pa.string()),
-    })
-
-
-def make(uri: str, mode: str = "create", meta: TableMetadata = META, **kw) -> LanceCommitter:
-    return LanceCommitter(uri, SCHEMA, StorageConfig({}), mode, meta, commit_every_s=3600, **kw)
-
-
-def table(uri: str, version: int | None = None) -> list[tuple[str, int, str]]:
-    t = lance.dataset(uri, version=version).to_table()
-    return sorted(zip(t["id"].to_pylist(), t["chunk"].to_pylist(), t["content_hash"].to_pylist(), strict=True))
-
-
-def write(uri: str, rows: pa.Table, *, staged: bool = False) -> pa.Table:
-    return FragmentWriter(uri, SCHEMA, {}, fresh_field_ids=staged)(rows)
+from pipeline.commit import DocWindows, WriterResult
+from pipeline.sink import read_table_metadata, table_uri
 
 
 def result(rows: int, edges: dict[str, list[int]] | None = None) -> WriterResult:
@@ -111,7 +78,7 @@ def test_unchanged_documents_are_counted_not_written(tmp_path):
     c.begin()
     c.add(write(uri, docs({"a": 2})))
     c.finish()
-    u = make(uri, "reembed")
+    u = make(uri, "reembed", dataclasses.replace(META, run_id="r2"))  # run ids are unique: each names a tag
     u.begin()
     u.add(write(uri, docs({"a": 1}, status="unchanged")))
     summary = u.finish()
