@@ -78,6 +78,7 @@ class WriterResult:
     edges: dict[str, list[int]]  # id -> [chunks here, chunks of the document] for split documents
     rejected_fragments: list[FragmentMetadata] = field(default_factory=list)  # rows for `<table>_rejected`
     rejected_keys: list[str] = field(default_factory=list)  # their keys (file#row)
+    documents: dict[str, int] = field(default_factory=dict)  # new / changed / unchanged -> documents
 
 
 class DocWindows:
@@ -351,6 +352,7 @@ class LanceCommitter:
                 edges=json.loads(row["edges"]),
                 rejected_fragments=[FragmentMetadata.from_json(json.dumps(d)) for d in json.loads(row["rejected_fragments"])],
                 rejected_keys=json.loads(row["rejected_keys"]),
+                documents=json.loads(row["documents"]),
             )
             if sum(f.physical_rows for f in result.fragments) != result.rows:
                 raise RuntimeError("writer reported a row count its fragments do not hold; this is a bug")
@@ -395,8 +397,9 @@ class LanceCommitter:
         self._commit_rejected(results)
         fragments = [f for r in results for f in r.fragments]
         rows = sum(r.rows for r in results)
+        docs = {f"documents_{k}": sum(r.documents.get(k, 0) for r in results) for k in ("new", "changed")}
         new, deleted = self._commit_replacing(sorted({i for r in results for i in r.replace}), fragments,
-                                              "window", window=len(self.versions) + 1, rows=rows)
+                                              "window", window=len(self.versions) + 1, rows=rows, **docs)
         if new is None:  # only unchanged or rejected documents: nothing to commit
             return
         self.versions.append(new.version)
@@ -494,7 +497,12 @@ class LanceCommitter:
             latest = lance.dataset(self.uri, storage_options=self.storage_options).version
             version = self._commit_metadata(latest, running=False, **counts)
         # Tagged, so version cleanup keeps every finished run's table for `rollback`.
-        lance.dataset(self.uri, storage_options=self.storage_options).tags.create(run_tag(self.metadata.run_id), version)
+        tags = lance.dataset(self.uri, storage_options=self.storage_options).tags
+        tag = run_tag(self.metadata.run_id)
+        if tag in tags.list():  # a run id given twice: the tag names its latest finish
+            tags.update(tag, version)
+        else:
+            tags.create(tag, version)
         self._finished = True
         assert self.resume is not None
         return CommitSummary(

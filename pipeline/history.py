@@ -4,8 +4,8 @@ What it reads: nothing but the table. Every commit `pipeline.commit.LanceCommitt
 transaction properties (`embedlake.run_id`, `.kind`, `.what`, counts); `run_history` walks the
 main-line versions (`ds.versions()` + `read_transaction(v)`) and groups them by run id. The final
 commit of a finished run (`what` = complete, or the staged runs' `switch`) carries the run's counts;
-an unfinished run has only its windows, which say chunk rows and deletions, not how many documents
-were new or changed, so those stay unknown (None) and the record is marked partial. Versions without
+an unfinished run's counts are the sums of what its windows and delete commits say (each window names
+its chunk rows and new and changed documents), and the record is marked partial. Versions without
 embedlake properties (index builds, compaction, the empty `Overwrite` a create starts from) belong to
 no run and are left out. A staged run's windows are detached versions, outside the main line: it
 shows as its one `switch` commit, and one interrupted before that switch does not show at all.
@@ -58,7 +58,7 @@ class RunRecord:
     added: int | None
     changed: int | None
     deleted: int | None
-    partial: bool  # counts summed over an unfinished run's windows; added/changed unknown
+    partial: bool  # counts summed over an unfinished run's windows
     restored: int | None = None  # the version a rollback restored
 
     def to_dict(self) -> dict:
@@ -106,8 +106,9 @@ def _record(run_id: str, commits: list[_Commit], tags: dict[str, int]) -> RunRec
     if final is not None:
         counts = {"rows": final.count("rows"), "added": final.count("documents_new"),
                   "changed": final.count("documents_changed"), "deleted": final.count("documents_deleted")}
-    else:  # windows say chunk rows, delete commits say documents; neither says new vs changed
-        counts = {"rows": _sum(commits, "window", "rows"), "added": None, "changed": None,
+    else:  # an unfinished run: what its windows and delete commits say
+        counts = {"rows": _sum(commits, "window", "rows"), "added": _sum(commits, "window", "documents_new"),
+                  "changed": _sum(commits, "window", "documents_changed"),
                   "deleted": _sum(commits, "delete", "documents")}
     return RunRecord(
         run_id=run_id, kind=last.props.get("kind", "?"), state="unfinished" if final is None else "complete",
