@@ -136,6 +136,14 @@ def add_reembed_arguments(p: argparse.ArgumentParser) -> None:
                               "until one commit switches them over")
 
 
+def add_backfill_arguments(p: argparse.ArgumentParser) -> None:
+    """`backfill`: the job options over a Hive-partitioned input, plus the partitions to (re)build."""
+    add_job_arguments(p)
+    backfill = p.add_argument_group("backfill")
+    backfill.add_argument("--partitions", help="partition paths (dt=2026-11-01,dt=2026-11-02; region=eu/dt=... for "
+                          "several levels) or a filter over partition columns (\"dt >= '2026-01-01' and dt < '2026-02-01'\")")
+
+
 def merge_options(args: argparse.Namespace) -> dict:
     """The options given: the config file's, overridden by flags given on the command line.
 
@@ -306,6 +314,19 @@ def _add_table_command(sub, name: str, help: str, func) -> argparse.ArgumentPars
     return p
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    opts = merge_options(args)
+    partitions = opts.pop("partitions", None)
+    if not isinstance(partitions, str) or not partitions.strip():
+        raise ValueError("--partitions is required: partition paths (dt=2026-11-01,...) or a filter over partition columns")
+    cfg = build_config(opts)
+    from pipeline.report import format_report
+    from pipeline.run import run_job
+
+    print(format_report(run_job(cfg, mode="backfill", partitions=partitions)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedlake", description="Batch embedding: Parquet corpora -> LanceDB tables on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     reembed = sub.add_parser("reembed", help="update a table from its source: embed only new and changed documents")
     add_reembed_arguments(reembed)
     reembed.set_defaults(func=cmd_reembed)
+    backfill = sub.add_parser("backfill", help="(re)build the selected partitions of a Hive-partitioned corpus in a table")
+    add_backfill_arguments(backfill)
+    backfill.set_defaults(func=cmd_backfill)
     query = sub.add_parser("query", help="search a table written by `embed`")
     query.add_argument("--db", required=True, help="LanceDB URI")
     query.add_argument("--table", required=True, help="table name")

@@ -45,7 +45,7 @@ from pipeline.sink import INTERNAL_PREFIX, open_existing
 from pipeline.storage import StorageConfig, url_path
 from pipeline.table_meta import TableMetadata
 
-Mode = Literal["create", "append", "overwrite", "reembed", "full"]
+Mode = Literal["create", "append", "overwrite", "reembed", "full", "backfill"]
 T = TypeVar("T")
 CONFLICT_RETRIES = 10
 MAX_REJECT_SAMPLE = 100  # rejected rows listed in the summary; all are counted by reason
@@ -269,9 +269,12 @@ class LanceCommitter:
         meta = self._existing_metadata(existing)
         if existing is None or (meta is None and existing.count_rows() == 0):
             # No table, or an empty one whose creating run died before its metadata commit.
-            if self.mode in ("append", "reembed", "full"):
+            if self.mode in ("append", "reembed", "full"):  # a backfill makes the table it starts
                 raise FileNotFoundError(f"table {self.uri} does not exist; create it with `embedlake embed`")
-            self._create()
+            if existing is None and not self._create():
+                return self.begin()  # another run created it first: begin against its table
+            if existing is not None:  # the empty leftover: this run's metadata on it
+                self._commit_metadata(existing.version, running=True)
             return self._resumed(None, resumed=False)
         if self.mode in ("overwrite", "full"):
             return self._begin_staged(existing)
@@ -286,7 +289,9 @@ class LanceCommitter:
             )
         diffs = meta.setting_differences(self.metadata) + self._schema_differences(existing.schema)
         if diffs:
-            hint = "re-run with --full to re-embed everything" if self.mode == "reembed" else "use --mode overwrite"
+            hint = {"reembed": "re-run with --full to re-embed everything",
+                    "backfill": "backfill into another --table, or re-embed this one with `embedlake reembed --full`",
+                    }.get(self.mode, "use --mode overwrite")
             raise ValueError(f"table {self.uri} was embedded with other settings ({'; '.join(diffs)}); {hint}")
         resumed = meta.job_key == self.metadata.job_key and meta.state == "running"
         # This run's metadata, "running", before its first window: a crash leaves a table that says so.
@@ -309,10 +314,18 @@ class LanceCommitter:
         diffs += [f"column {n}: table has {have[n]}, writing {t}" for n, t in want.items() if n in have and have[n] != t]
         return diffs
 
-    def _create(self) -> None:
-        ds = lance.LanceDataset.commit(self.uri, LanceOperation.Overwrite(self.schema, []),
-                                       storage_options=self.storage_options)
+    def _create(self) -> bool:
+        """Create the empty table, atomically if absent (Lance's create mode puts version 1 only if no
+        one did: two backfills starting on a new table cannot both create it). False if one did."""
+        try:
+            ds = lance.write_dataset(self.schema.empty_table(), self.uri, mode="create",
+                                     storage_options=self.storage_options)
+        except OSError as e:
+            if "already exists" in str(e):
+                return False
+            raise
         self._commit_metadata(ds.version, running=True)
+        return True
 
     def _begin_staged(self, existing: lance.LanceDataset) -> Resume:
         self.staged = True

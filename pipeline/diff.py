@@ -75,19 +75,18 @@ def ensure_id_index(uri: str, storage_options: dict[str, str]) -> None:
         ds.create_scalar_index("id", "BTREE")
 
 
-def missing_ids(spec: LookupSpec, source_ids: ray.data.Dataset, *, partitions: int) -> ray.data.Dataset:
-    """Ids of documents the table version holds but the source no longer does (column `id`).
+def missing_ids(spec: LookupSpec, source_ids: ray.data.Dataset, *, partitions: int,
+                where: str | None = None) -> ray.data.Dataset:
+    """Ids of documents the table version holds (those matching the Lance SQL `where`, if given) but
+    the source no longer does (column `id`).
 
     A hash join in Ray Data (`left_anti`) of the table's ids (first chunks only) against the source's
     ids: both sides are id columns only, shuffled across the cluster, so no process holds either set.
     """
     import ray.data
-    from ray.data.expressions import col
 
-    table_ids = (
-        ray.data.read_lance(spec.uri, version=spec.version, columns=["id", "chunk"],
-                            storage_options=dict(spec.storage_options))
-        .filter(expr=col("chunk") == 0)
-        .select_columns(["id"])
-    )
+    table_filter = "chunk = 0" if where is None else f"chunk = 0 AND ({where})"
+    table_ids = ray.data.read_lance(spec.uri, version=spec.version, columns=["id"],
+                                    storage_options=dict(spec.storage_options),
+                                    scanner_options={"filter": table_filter})
     return table_ids.join(source_ids, join_type="left_anti", num_partitions=partitions, on=("id",))

@@ -28,6 +28,7 @@ from pipeline.config import JobConfig
 from pipeline.dedup import index_source_ids, remove_ids
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
+from pipeline.partitions import Partitions, select, with_partition_columns
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
 from pipeline.read import ParquetShards, list_files, read_source, source_schema
 from pipeline.report import build_report, save_report
@@ -92,8 +93,9 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
     )
 
 
-def output_schema(job: ResolvedJob, source: pa.Schema) -> pa.Schema:
-    """The table contract: one row per chunk, a vector column per dim, provenance, kept columns."""
+def output_schema(job: ResolvedJob, source: pa.Schema, partition_keys: tuple[str, ...] = ()) -> pa.Schema:
+    """The table contract: one row per chunk, a vector column per dim, provenance, kept columns, and a
+    backfill's partition columns (strings, as Hive paths hold them)."""
     vtype = pa.float16() if job.cfg.encode.vector_dtype == "float16" else pa.float32()
     fields = [
         pa.field("id", pa.string()),
@@ -105,11 +107,12 @@ def output_schema(job: ResolvedJob, source: pa.Schema) -> pa.Schema:
         pa.field("content_hash", pa.string()),
         pa.field("model", pa.string()),
         *[source.field(c) for c in job.cfg.source.keep_columns],
+        *[pa.field(k, pa.string()) for k in partition_keys],
     ]
     return pa.schema(fields)
 
 
-def table_metadata(job: ResolvedJob, kind: str) -> TableMetadata:
+def table_metadata(job: ResolvedJob, kind: str, partitions: str | None = None) -> TableMetadata:
     """What the table records about this run; `job_key` is the same for every run of the same command."""
     cfg = job.cfg
     meta = TableMetadata(
@@ -131,21 +134,26 @@ def table_metadata(job: ResolvedJob, kind: str) -> TableMetadata:
     )
     vector_settings = {k: v for k, v in meta.to_metadata().items() if k not in ("run_id", "job_key", "state", "written_at")}
     command = {"kind": kind, "input": cfg.source.input, "source": dataclasses.asdict(cfg.source),
-               "table": table_uri(cfg.sink.db, cfg.sink.table), **vector_settings}
+               "table": table_uri(cfg.sink.db, cfg.sink.table), "partitions": partitions, **vector_settings}
     key = hashlib.sha256(json.dumps(command, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return dataclasses.replace(meta, job_key=key)
 
 
 def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None = None,
-                  ids_index: LookupSpec | None = None) -> ray.data.Dataset:
+                  ids_index: LookupSpec | None = None, partitions: Partitions | None = None) -> ray.data.Dataset:
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
     # never more read tasks than files.
     tasks = min(job.prepare_tasks, len(files))
     ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks)
+    units_source = cfg.source  # the columns units carry on: the kept ones, and a backfill's partition columns
+    if partitions is not None:
+        ds = ds.map_batches(with_partition_columns, fn_kwargs={"partitions": partitions}, batch_format="pyarrow",
+                            num_cpus=LIGHT_TASK_CPUS, compute=ray.data.TaskPoolStrategy(size=tasks))
+        units_source = dataclasses.replace(cfg.source, keep_columns=cfg.source.keep_columns + partitions.keys)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
-    prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
+    prep = PrepareSpec(source=units_source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
                        tokenizer_ref=ray.put(job.tokenizer), lookup=lookup, ids_index=ids_index)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
@@ -159,7 +167,7 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
         late=late,
         window=job.window,
         overlap=cfg.chunking.overlap,
-        keep_columns=cfg.source.keep_columns,
+        keep_columns=units_source.keep_columns,
         max_batch_tokens=cfg.encode.max_batch_tokens,
         cpu_threads=job.cpu_threads,
         storage_options=model_options,
@@ -184,14 +192,20 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
 
 
-def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = False) -> dict:
+def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = False,
+            partitions: str | None = None) -> dict:
     """Run the job on the current Ray cluster (local if none); return and store the run report.
 
     `mode` defaults to the configured write mode; `reembed` updates a table in place (refused when
     the table was embedded with other settings), `full` re-embeds all of it as a staged replacement.
     Every mode resumes: documents the table (or the staged replacement) already holds with the same
     content hash are counted as unchanged and cost no encoder work. A `reembed` also counts the
-    table's documents that the source no longer has, and deletes them with `delete_missing`.
+    table's documents that the source no longer has, and deletes them with `delete_missing`. A
+    `backfill` reads the Hive partitions `partitions` selects (`pipeline.partitions`), carries their
+    columns into the table and makes the table's rows of those partitions equal the source's: the same
+    diff, plus deletion of their documents gone from the source. Backfills of different partitions
+    may run at once on one table (their commits retry on conflicts; ids must be unique across
+    partitions).
     """
     ensure_ray()
     t0 = time.perf_counter()
@@ -199,11 +213,18 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
     job = resolve(cfg)
     log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
     files = list_files(cfg.source, job.storage)
+    parts = None
+    if mode == "backfill":
+        if not partitions:
+            raise ValueError("backfill needs --partitions: a list of partition paths or a filter over partition columns")
+        parts = select(cfg.source.input, files, partitions)
+        files = sorted(parts.values)
     source = source_schema(cfg.source, job.storage, files)
     uri = table_uri(cfg.sink.db, cfg.sink.table)
     committer = LanceCommitter(
-        uri, output_schema(job, source), job.storage, mode, table_metadata(job, mode),
-        commit_every_rows=cfg.sink.commit_every_rows, commit_every_s=cfg.sink.commit_every_s,
+        uri, output_schema(job, source, parts.keys if parts else ()), job.storage, mode,
+        table_metadata(job, mode, partitions), commit_every_rows=cfg.sink.commit_every_rows,
+        commit_every_s=cfg.sink.commit_every_s,
     )
     resume = committer.begin()
     lookup = _lookup(uri, resume, job.storage)
@@ -211,10 +232,13 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         log.info("resuming: %d rows of version %s already committed", resume.rows_before, resume.base_version)
     if mode == "reembed" and lookup is not None:
         _reconcile_missing(job, files, lookup, committer, delete=delete_missing)
+    if parts is not None and lookup is not None:  # the selected partitions' rows follow the source exactly
+        _reconcile_missing(job, files, lookup, committer, delete=True, where=parts.predicate)
     ids_uri = staging_url(uri, f"{committer.metadata.job_key}-ids.lance")
     ids_index = index_source_ids(files, cfg.source.id_column, job.storage, ids_uri, num_cpus=LIGHT_TASK_CPUS,
                                  concurrency=min(job.prepare_tasks, len(files)))
-    summary = write_dataset(build_dataset(job, files, lookup, ids_index), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    summary = write_dataset(build_dataset(job, files, lookup, ids_index, parts), committer,
+                            writer_num_cpus=LIGHT_TASK_CPUS)
     remove_ids(ids_uri, job.storage)
     if not committer.staged:
         ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
@@ -239,13 +263,13 @@ def _lookup(uri: str, resume: Resume, storage: StorageConfig) -> LookupSpec | No
 
 
 def _reconcile_missing(job: ResolvedJob, files: list[str], lookup: LookupSpec, committer: LanceCommitter,
-                       *, delete: bool) -> None:
+                       *, delete: bool, where: str | None = None) -> None:
     """Count (and with `delete`, remove in windows) the table's documents that the source lost."""
     src = job.cfg.source
     ids = ParquetShards(files, (src.id_column,), job.storage)
     source_ids = ray.data.read_datasource(ids, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(files)).map_batches(
         lambda t: pa.table({"id": t[src.id_column].cast(pa.string())}), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-    missing = missing_ids(lookup, source_ids, partitions=max(1, len(files) // 8))
+    missing = missing_ids(lookup, source_ids, partitions=max(1, len(files) // 8), where=where)
     for batch in missing.iter_batches(batch_format="pyarrow", batch_size=job.cfg.sink.commit_every_rows):
         if delete:
             committer.delete_documents(batch["id"].to_pylist())

@@ -26,11 +26,8 @@ PACKAGES = ("model", "pipeline", "jobs")
 
 # Runtime dependencies the code needs without importing them (say, an fsspec protocol implementation
 # that fsspec loads by URL scheme), each with why. s3fs, pylance (`lance`) and huggingface-hub are all
-# imported directly; Ray Data's own needs come with the `ray[data]` extra, except polars for joins.
-RUNTIME_WITHOUT_IMPORT: dict[str, str] = {
-    # Ray Data's hash join, which `pipeline.diff.missing_ids` runs, imports polars itself (ray[data] lacks it).
-    "polars": "Ray Data joins",
-}
+# imported directly; polars (Ray Data's joins need it) is imported by pipeline/partitions.py.
+RUNTIME_WITHOUT_IMPORT: dict[str, str] = {}
 
 # Imports that need an optional extra, each with its extra and distribution (named here because an
 # extra need not be installed, e.g. flash-attn without CUDA). Their imports are guarded or sit in a
