@@ -48,7 +48,7 @@ class _IdWriter:
 
 
 def index_source_ids(files: list[str], id_column: str, storage: StorageConfig, uri: str, *,
-                     num_cpus: float, concurrency: int) -> LookupSpec:
+                     num_cpus: float, concurrency: int, run_id: str) -> LookupSpec:
     """Write and index every (id, file, row) of `files` at `uri`; returns what prepare tasks look up."""
     import ray.data
 
@@ -65,7 +65,7 @@ def index_source_ids(files: list[str], id_column: str, storage: StorageConfig, u
     ds = lance.LanceDataset.commit(uri, LanceOperation.Overwrite(IDS_SCHEMA, fragments), storage_options=options)
     if ds.count_rows():
         ds.create_scalar_index("id", "BTREE")
-    return LookupSpec(uri, lance.dataset(uri, storage_options=options).version, tuple(sorted(options.items())))
+    return LookupSpec(uri, lance.dataset(uri, storage_options=options).version, tuple(sorted(options.items())), run_id)
 
 
 def remove_ids(uri: str, storage: StorageConfig) -> None:

@@ -32,6 +32,9 @@ class LookupSpec:
     uri: str
     version: int
     storage_options: tuple[tuple[str, str], ...] = ()
+    # The run's id: workers cache opened datasets by spec, and a table dropped and made again (or a
+    # run's staging dataset rewritten) starts its versions at 1 again.
+    run_id: str = ""
 
 
 _OPEN: dict[LookupSpec, lance.LanceDataset] = {}  # one per worker process: Ray reuses workers

@@ -227,7 +227,7 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         commit_every_s=cfg.sink.commit_every_s,
     )
     resume = committer.begin()
-    lookup = _lookup(uri, resume, job.storage)
+    lookup = _lookup(uri, resume, job.storage, cfg.run_id)
     if resume.resumed:
         log.info("resuming: %d rows of version %s already committed", resume.rows_before, resume.base_version)
     if mode == "reembed" and lookup is not None:
@@ -236,7 +236,7 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         _reconcile_missing(job, files, lookup, committer, delete=True, where=parts.predicate)
     ids_uri = staging_url(uri, f"{committer.metadata.job_key}-ids.lance")
     ids_index = index_source_ids(files, cfg.source.id_column, job.storage, ids_uri, num_cpus=LIGHT_TASK_CPUS,
-                                 concurrency=min(job.prepare_tasks, len(files)))
+                                 concurrency=min(job.prepare_tasks, len(files)), run_id=cfg.run_id)
     summary = write_dataset(build_dataset(job, files, lookup, ids_index, parts), committer,
                             writer_num_cpus=LIGHT_TASK_CPUS)
     remove_ids(ids_uri, job.storage)
@@ -251,7 +251,7 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
     return report
 
 
-def _lookup(uri: str, resume: Resume, storage: StorageConfig) -> LookupSpec | None:
+def _lookup(uri: str, resume: Resume, storage: StorageConfig, run_id: str) -> LookupSpec | None:
     """What prepare tasks diff against: the base version, indexed on `id` first when it is the live table."""
     if resume.base_version is None:
         return None
@@ -259,7 +259,7 @@ def _lookup(uri: str, resume: Resume, storage: StorageConfig) -> LookupSpec | No
     if not resume.staged:
         ensure_id_index(uri, storage.lance_options())  # commits an index version; the data is the same
         version = lance.dataset(uri, storage_options=storage.lance_options()).version
-    return LookupSpec(uri, version, tuple(sorted(storage.lance_options().items())))
+    return LookupSpec(uri, version, tuple(sorted(storage.lance_options().items())), run_id)
 
 
 def _reconcile_missing(job: ResolvedJob, files: list[str], lookup: LookupSpec, committer: LanceCommitter,
