@@ -23,9 +23,14 @@ def test_every_row_group_of_every_file_is_read_with_only_the_job_columns(tmp_pat
     source, storage = SourceConfig(input=str(tmp_path)), StorageConfig()
     ds = read.read_source(source, storage, read.list_files(source, storage), num_cpus=0.25, concurrency=2)
     table = pa.concat_tables(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    assert table.column_names == ["id", "text"]
+    assert table.column_names == ["id", "text", read.SOURCE_FILE, read.SOURCE_ROW]
     assert sorted(table["id"].to_pylist(), key=lambda s: int(s[1:])) == [f"d{i}" for i in range(32)]
     assert dict(zip(table["id"].to_pylist(), table["text"].to_pylist(), strict=True))["d24"] == "text of d24"
+    # Provenance: each row's file and its position there, across row groups.
+    where = {i: (f, r) for i, f, r in zip(*(table[c].to_pylist() for c in ("id", read.SOURCE_FILE, read.SOURCE_ROW)),
+                                          strict=True)}
+    assert where["d0"] == (str(tmp_path / "a.parquet"), 0) and where["d24"] == (str(tmp_path / "a.parquet"), 24)
+    assert where["d25"] == (str(tmp_path / "b.parquet"), 0) and where["d31"] == (str(tmp_path / "b.parquet"), 6)
 
 
 def test_large_row_groups_stream_in_bounded_blocks(tmp_path, monkeypatch):
