@@ -403,6 +403,86 @@ def bench_scaling(model: str, base: int, actors: int, precision: str) -> list[di
     return rows
 
 
+def _cli(args: list[str], *, kill_when: Callable[[], bool] | None = None) -> dict:
+    """Run `embedlake ARGS` as users do (its own process and local Ray); wall time and the driver's
+    peak resident memory (VmHWM, sampled), or kill its process group once `kill_when()` holds."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, _status_mb(str(proc.pid), "VmHWM"))
+        if kill_when is not None and kill_when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"wall_s": round(time.perf_counter() - t0, 2), "killed": True}
+        time.sleep(0.1)
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"embedlake {' '.join(args[:1])} failed ({proc.returncode}): {err[-2000:]}")
+    return {"wall_s": round(time.perf_counter() - t0, 2), "driver_peak_mb": round(peak)}
+
+
+def bench_incremental(model: str, docs: int, actors: int, precision: str, memory_base: int) -> list[dict]:
+    """Re-embedding costs only what changed (issue #12): wall time of `embed` on `docs` short documents,
+    then `reembed` of the unchanged corpus, `reembed` with 10% of documents changed, and an `embed`
+    killed (SIGKILL, process group) at 50% of its rows and re-run; each as its own CLI process, as a
+    scheduled job runs. Then the diff's driver memory: `reembed` of unchanged corpora of 1x, 4x and 16x
+    `memory_base` documents (each after an unmeasured `embed` of it), peak resident memory of the
+    driver process."""
+    import lance
+
+    sentences = _sts_sentences()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def corpus(n: int, name: str, changed: float = 0.0) -> list[str]:
+            texts = [sentences[i % len(sentences)] + f" ({i})" for i in range(n)]  # distinct documents
+            step = int(1 / changed) if changed else 0
+            texts = [t + " (edited)" if step and i % step == 0 else t for i, t in enumerate(texts)]
+            _write_corpus(texts, Path(tmp) / name, shards=max(4, n // 5000))
+            return texts
+
+        def job(name: str, table: str) -> list[str]:
+            return ["--input", str(Path(tmp) / name), "--output", str(Path(tmp) / "db"), "--table", table,
+                    "--model", model, "--precision", precision, "--actors", str(actors)]
+
+        corpus(docs, "main")
+        full = _cli(["embed", *job("main", "t")])
+        unchanged = _cli(["reembed", *job("main", "t")])
+        corpus(docs, "main", changed=0.1)
+        changed = _cli(["reembed", *job("main", "t")])
+        uri = str(Path(tmp) / "db" / "resume.lance")
+
+        def half_done() -> bool:
+            try:
+                return lance.dataset(uri).count_rows() >= docs // 2
+            except (OSError, ValueError):
+                return False
+
+        killed = _cli(["embed", *job("main", "resume")], kill_when=half_done)
+        resumed = _cli(["embed", *job("main", "resume")])
+        isa = cpu_instruction_sets()
+        for name, run, target in (("reembed, unchanged", unchanged, 0.10), ("reembed, 10% changed", changed, 0.20),
+                                  ("embed re-run after a kill at 50%", resumed, 0.60)):
+            rows.append({"run": name, "documents": docs, "isa": isa, "precision": precision,
+                         "full_embed_s": full["wall_s"], "wall_s": run["wall_s"],
+                         "fraction_of_full": round(run["wall_s"] / full["wall_s"], 3), "target": f"<= {target}",
+                         "killed_after_s": killed["wall_s"] if "kill" in name else "",
+                         "driver_peak_mb": run.get("driver_peak_mb", "")})
+        for factor in (1, 4, 16):
+            n = memory_base * factor
+            corpus(n, f"m{factor}")
+            _cli(["embed", *job(f"m{factor}", f"m{factor}")])
+            diff = _cli(["reembed", *job(f"m{factor}", f"m{factor}")])
+            rows.append({"run": f"diff driver memory {factor}x", "documents": n, "isa": isa, "precision": precision,
+                         "wall_s": diff["wall_s"], "driver_peak_mb": diff["driver_peak_mb"]})
+    return rows
+
+
 def bench_memory(model: str, calls: int, precision: str) -> list[dict]:
     """What an encoder actor's memory does over a long job, without Ray: calls of 4,096 random STS
     sentences (each call a new mix of batch shapes) with the actor's `malloc_trim` after each; private
@@ -540,6 +620,10 @@ def register_bench(subparsers) -> None:
                    help="documents at 1x (default: 20000, so 16x is 320,000: a batch job's size, where the "
                         "few seconds of start-up no longer dominate the 1x figure)")
     p.add_argument("--memory-calls", type=int, default=16, help="encoder calls in the memory section (default: 16)")
+    p.add_argument("--incremental-docs", type=int, default=320_000,
+                   help="documents in the incremental section's embed / reembed / resume runs (default: 320000)")
+    p.add_argument("--incremental-memory-base", type=int, default=5000,
+                   help="documents at 1x for the incremental section's diff memory (1x, 4x, 16x; default: 5000)")
     p.add_argument("--gpu-model", help="jina-embeddings-v3 directory for the GPU section")
     p.add_argument("--out", default="bench_results", help="output directory for results.json and results.md")
     p.set_defaults(func=cmd_bench)
@@ -558,6 +642,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "pipeline": lambda: bench_pipeline(model, args.pipeline_docs, args.repeats, args.actors, args.precision),
         "scaling": lambda: bench_scaling(model, args.scaling_base, args.actors, args.precision),
         "memory": lambda: bench_memory(model, args.memory_calls, args.precision),
+        "incremental": lambda: bench_incremental(model, args.incremental_docs, args.actors, args.precision,
+                                                 args.incremental_memory_base),
         "gpu": lambda: bench_gpu(args.gpu_model, args.repeats),
     }
     unknown = [s for s in sections if s not in runners]
