@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from model import TextTokenizer, chunk_spans, token_spans
 from model.tokenization import CharSpan
 from pipeline.config import ChunkingConfig, SourceConfig
 from pipeline.dedup import DUPLICATE, duplicates
 from pipeline.diff import UNCHANGED, LookupSpec, statuses
-from pipeline.read import SOURCE_FILE, SOURCE_ROW
+from pipeline.read import FILE_ROWS, SOURCE_FILE, SOURCE_ROW
 
 # Internal columns (prefix "_") travel with the rows and are summed or dropped by the writer.
 IDS = "_ids"  # list<int32> model input token ids of the unit
@@ -34,6 +35,7 @@ CHAR_SPANS = "_char_spans"  # list<int32> flat [s0, e0, s1, e1, ...] character s
 TOKEN_SPANS = "_token_spans"  # list<int32> flat token spans (late chunking only)
 FIRST_CHUNK = "_first_chunk"  # int32 chunk index of the unit's first span
 DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the unit's document (0 if rejected): how many rows make it whole
+SOURCE_ROWS = "_source_rows"  # stat: the footer row counts of the files a batch started (pipeline.read)
 REJECT = "_reject_reason"  # null = accepted; otherwise why the row was not embedded
 STATUS = "_status"  # new | changed | unchanged against the table the run resumes or updates (pipeline.diff)
 
@@ -252,7 +254,10 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
     t0 = time.perf_counter()
     out = prepare_units(batch, source=spec.source, chunking=spec.chunking, tokenizer=_tokenizer(spec), task=spec.task,
                         lookup=spec.lookup, ids_index=spec.ids_index)
-    seconds = np.zeros(out.num_rows)
+    seconds, source_rows = np.zeros(out.num_rows), np.zeros(out.num_rows, np.int64)
     if out.num_rows:
         seconds[0] = time.perf_counter() - t0
-    return out.append_column("_prepare_s", pa.array(seconds, pa.float64()))
+        # The files' footer row counts travel as a stat: the run reconciles what it read against them.
+        source_rows[0] = pc.sum(batch[FILE_ROWS]).as_py() or 0 if FILE_ROWS in batch.column_names else 0
+    out = out.append_column("_prepare_s", pa.array(seconds, pa.float64()))
+    return out.append_column(SOURCE_ROWS, pa.array(source_rows, pa.int64()))

@@ -19,6 +19,7 @@ _GLOB_CHARS = "*?["
 # Provenance of every row, carried to the rejected-rows table and used to order duplicate ids.
 SOURCE_FILE = "_file"  # string: the file's URL (or local path), as `list_files` lists it
 SOURCE_ROW = "_row"  # int64: the row's position in that file, from 0
+FILE_ROWS = "_file_rows"  # int64: the file's row count from its footer, on its first row (0 elsewhere)
 BLOCK_BYTES = 64 << 20  # uncompressed bytes per read block: well under Ray Data's 128 MiB target
 
 
@@ -96,9 +97,11 @@ def _read_files(files: list[str], columns: list[str], storage: StorageConfig) ->
                 rows = max(1, int(meta.num_rows * BLOCK_BYTES / max(meta.total_byte_size, 1)))
                 for batch in pf.iter_batches(batch_size=rows, row_groups=[g], columns=columns):
                     n = batch.num_rows
+                    footer = [pf.metadata.num_rows if start == 0 else 0] + [0] * (n - 1)
                     yield pa.Table.from_batches([batch]).append_column(
                         SOURCE_FILE, pa.array([f] * n, pa.string())).append_column(
-                        SOURCE_ROW, pa.array(range(start, start + n), pa.int64()))
+                        SOURCE_ROW, pa.array(range(start, start + n), pa.int64())).append_column(
+                        FILE_ROWS, pa.array(footer, pa.int64()))
                     start += n
 
 

@@ -29,7 +29,7 @@ from pipeline.dedup import index_source_ids, remove_ids
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.partitions import Partitions, select, with_partition_columns
-from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
+from pipeline.prepare import REJECT, SOURCE_ROWS, PrepareSpec, prepare_batch
 from pipeline.read import ParquetShards, list_files, read_source, source_schema
 from pipeline.report import build_report, save_report
 from pipeline.sink import build_vector_indexes, table_uri, write_dataset
@@ -247,6 +247,10 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         cols = [vector_column(d) for d in job.dims]
         indexes = build_vector_indexes(cfg.sink.db, cfg.sink.table, cols, job.storage.lance_options())
     report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes)
+    in_source = int(summary.stats.get(SOURCE_ROWS, 0))
+    if report["documents_read"] != in_source:  # the files' footers against every row's recorded fate
+        raise RuntimeError(f"counts do not reconcile: the input files hold {in_source} rows, but "
+                           f"{report['documents_read']} were embedded, unchanged or rejected; this is a bug")
     report["report_path"] = save_report(report, cfg.sink.db, cfg.sink.table, job.storage)
     return report
 

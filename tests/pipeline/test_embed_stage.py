@@ -15,7 +15,7 @@ from pipeline.config import ChunkingConfig, SourceConfig
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.prepare import REJECT, PrepareSpec, content_hash, prepare_batch
 
-STATS = ("_tokens", "_computed_tokens", "_embed_s", "_docs", "_truncated", "_prepare_s")
+STATS = ("_tokens", "_computed_tokens", "_embed_s", "_docs", "_truncated", "_prepare_s", "_source_rows")
 BAD = [
     (None, "no id here", "missing id"),
     ("bad-null", None, "missing text"),

@@ -23,7 +23,8 @@ def test_every_row_group_of_every_file_is_read_with_only_the_job_columns(tmp_pat
     source, storage = SourceConfig(input=str(tmp_path)), StorageConfig()
     ds = read.read_source(source, storage, read.list_files(source, storage), num_cpus=0.25, concurrency=2)
     table = pa.concat_tables(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    assert table.column_names == ["id", "text", read.SOURCE_FILE, read.SOURCE_ROW]
+    assert table.column_names == ["id", "text", read.SOURCE_FILE, read.SOURCE_ROW, read.FILE_ROWS]
+    assert sorted(n for n in table[read.FILE_ROWS].to_pylist() if n) == [7, 25]  # each footer's count, once
     assert sorted(table["id"].to_pylist(), key=lambda s: int(s[1:])) == [f"d{i}" for i in range(32)]
     assert dict(zip(table["id"].to_pylist(), table["text"].to_pylist(), strict=True))["d24"] == "text of d24"
     # Provenance: each row's file and its position there, across row groups.
