@@ -22,13 +22,14 @@ import lance
 import pyarrow as pa
 import ray
 
-from model import EncoderInfo, TextTokenizer, describe_model
+from model import EncoderInfo, ModelDescription, TextTokenizer, describe_model
 from pipeline.commit import LanceCommitter, Mode, Resume
 from pipeline.config import JobConfig
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
+from pipeline.preflight import preflight
 from pipeline.prepare import REJECT, PrepareSpec, prepare_batch
-from pipeline.read import ParquetShards, list_files, read_source, source_schema
+from pipeline.read import ParquetShards, read_source, skip_recorder, skipped_files
 from pipeline.report import build_report, save_report
 from pipeline.sink import build_vector_indexes, table_uri, write_dataset
 from pipeline.storage import StorageConfig
@@ -56,9 +57,11 @@ class ResolvedJob:
     storage: StorageConfig
 
 
-def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
+def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDescription | None = None) -> ResolvedJob:
+    """`described`: the model as pre-flight found it (describing it again hashes its weights again)."""
     storage = StorageConfig.from_env(cfg.storage_options)
-    described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
+    if described is None:
+        described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
     info = described.info
     task = cfg.encode.task if cfg.encode.task is not None else info.default_task
     if task is not None and task not in info.tasks:
@@ -135,13 +138,15 @@ def table_metadata(job: ResolvedJob, kind: str) -> TableMetadata:
     return dataclasses.replace(meta, job_key=key)
 
 
-def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None = None) -> ray.data.Dataset:
+def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None = None,
+                  skipped: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+    """The job's stages; `skipped` (`pipeline.read.skip_recorder`) takes the bad files, else they fail it."""
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
     # never more read tasks than files.
     tasks = min(job.prepare_tasks, len(files))
-    ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks)
+    ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks, skipped=skipped)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
@@ -191,13 +196,13 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
     content hash are counted as unchanged and cost no encoder work. A `reembed` also counts the
     table's documents that the source no longer has, and deletes them with `delete_missing`.
     """
-    ensure_ray()
     t0 = time.perf_counter()
+    checked = preflight(cfg)  # input, output and model, before Ray starts (issue #13)
+    ensure_ray()
     mode = mode or cfg.sink.mode
-    job = resolve(cfg)
+    job = resolve(cfg, described=checked.model)
     log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
-    files = list_files(cfg.source, job.storage)
-    source = source_schema(cfg.source, job.storage, files)
+    files, source = checked.files, checked.schema
     uri = table_uri(cfg.sink.db, cfg.sink.table)
     committer = LanceCommitter(
         uri, output_schema(job, source), job.storage, mode, table_metadata(job, mode),
@@ -209,14 +214,16 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         log.info("resuming: %d rows of version %s already committed", resume.rows_before, resume.base_version)
     if mode == "reembed" and lookup is not None:
         _reconcile_missing(job, files, lookup, committer, delete=delete_missing)
-    summary = write_dataset(build_dataset(job, files, lookup), committer, writer_num_cpus=LIGHT_TASK_CPUS)
+    skipped = skip_recorder(cfg.source)
+    summary = write_dataset(build_dataset(job, files, lookup, skipped), committer, writer_num_cpus=LIGHT_TASK_CPUS)
     if not committer.staged:
         ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
     indexes = {}
     if cfg.sink.index:
         cols = [vector_column(d) for d in job.dims]
         indexes = build_vector_indexes(cfg.sink.db, cfg.sink.table, cols, job.storage.lance_options())
-    report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes)
+    report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes,
+                          files_skipped=skipped_files(skipped))
     report["report_path"] = save_report(report, cfg.sink.db, cfg.sink.table, job.storage)
     return report
 
