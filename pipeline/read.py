@@ -45,6 +45,9 @@ class BadFile(ValueError):
         super().__init__(f"input file {url} {reason}; fix or remove it, or pass --on-bad-file skip to skip such files")
         self.url, self.reason = url, reason
 
+    def __reduce__(self):  # a read task's exception travels to the driver pickled; args alone hold the message
+        return type(self), (self.url, self.reason)
+
 
 def cause(err: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
