@@ -132,7 +132,9 @@ def table_metadata(job: ResolvedJob, kind: str) -> TableMetadata:
         written_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     vector_settings = {k: v for k, v in meta.to_metadata().items() if k not in ("run_id", "job_key", "state", "written_at")}
-    command = {"kind": kind, "input": cfg.source.input, "source": dataclasses.asdict(cfg.source),
+    # --on-bad-file is no part of the command's identity: a run failed on a bad file resumes with `skip`.
+    source = {k: v for k, v in dataclasses.asdict(cfg.source).items() if k != "on_bad_file"}
+    command = {"kind": kind, "input": cfg.source.input, "source": source,
                "table": table_uri(cfg.sink.db, cfg.sink.table), **vector_settings}
     key = hashlib.sha256(json.dumps(command, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return dataclasses.replace(meta, job_key=key)

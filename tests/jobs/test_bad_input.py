@@ -172,9 +172,11 @@ def test_a_bad_file_fails_the_job_with_one_line_naming_it(kind, bad_corpora, tmp
 
 
 def test_skip_embeds_the_good_files_whole_and_lists_the_bad_ones(bad_corpora, tmp_path, capsys, ray_local):
+    """The usual sequence: the job fails naming a bad file; the same command with `skip` resumes and finishes."""
     import lancedb
 
     _, mixed, texts = bad_corpora
+    assert main(_job(mixed, tmp_path / "db")) == 2
     assert main([*_job(mixed, tmp_path / "db"), "--on-bad-file", "skip"]) == 0
     out = capsys.readouterr().out
     assert "files skipped 3 (--on-bad-file skip):" in out
