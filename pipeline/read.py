@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.exceptions import UserCodeException
 
 from pipeline.config import SourceConfig
 from pipeline.storage import StorageConfig, url_path
@@ -38,7 +39,16 @@ BLOCK_BYTES = 64 << 20  # uncompressed bytes per read block: well under Ray Data
 Role = Literal["id", "text"]
 
 
-class BadFile(ValueError):
+class InputError(ValueError, UserCodeException):
+    """The input cannot be read: one line naming the URL and the cause.
+
+    A `UserCodeException` too, which is what it is to Ray Data (raised by this datasource, not by Ray):
+    Ray Data then logs its message alone instead of its internal frames and an invitation to report a
+    Ray bug (`ray.data.exceptions.omit_traceback_stdout`).
+    """
+
+
+class BadFile(InputError):
     """An input file the job cannot read; skipped under `--on-bad-file skip`, else the job's one-line error."""
 
     def __init__(self, url: str, reason: str):
@@ -63,9 +73,9 @@ def unreachable(err: BaseException) -> bool:
     return not isinstance(err, (OSError, ValueError, EOFError, NotImplementedError, pa.ArrowException))
 
 
-def storage_failure(what: str, err: BaseException) -> ValueError:
+def storage_failure(what: str, err: BaseException) -> InputError:
     """The one-line error for an input the store did not let us list or read."""
-    return ValueError(f"{what} could not be read from storage ({cause(err)}); check the endpoint, the "
+    return InputError(f"{what} could not be read from storage ({cause(err)}); check the endpoint, the "
                       "credentials and --storage-option")
 
 
@@ -145,7 +155,7 @@ def opened(fs, url: str) -> Iterator[pq.ParquetFile]:
         yield pf
 
 
-def _failure(url: str, err: BaseException, what: str) -> ValueError:
+def _failure(url: str, err: BaseException, what: str) -> InputError:
     return storage_failure(f"input file {url}", err) if unreachable(err) else BadFile(url, f"{what}: {cause(err)}")
 
 
@@ -218,7 +228,7 @@ def _read_files(files: list[str], columns: list[str], storage: StorageConfig, ro
 def _read_file(fs, url: str, columns: list[str], roles: Mapping[str, str]) -> Iterator[pa.Table]:
     """Stream a file's row groups in blocks of about BLOCK_BYTES (row groups can hold millions of rows).
 
-    Raises `BadFile` only before its first row is passed on; a failure after that is a plain ValueError.
+    Raises `BadFile` only before its first row is passed on; a failure after that is an `InputError`.
     """
     with opened(fs, url) as pf:
         problem = schema_problem(pf.schema_arrow, columns, roles)
@@ -237,7 +247,7 @@ def _read_file(fs, url: str, columns: list[str], roles: Mapping[str, str]) -> It
                 raise storage_failure(f"input file {url}", err) from err
             if not passed:
                 raise BadFile(url, f"is not a readable Parquet file (corrupt?): {cause(err)}") from err
-            raise ValueError(f"input file {url} broke after {passed} of its rows were read ({cause(err)}); a file "
+            raise InputError(f"input file {url} broke after {passed} of its rows were read ({cause(err)}); a file "
                              "cannot be skipped once rows of it were passed on: fix or remove it") from err
 
 

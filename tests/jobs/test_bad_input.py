@@ -171,6 +171,17 @@ def test_a_bad_file_fails_the_job_with_one_line_naming_it(kind, bad_corpora, tmp
     assert err[0].endswith("; fix or remove it, or pass --on-bad-file skip to skip such files")
 
 
+def test_the_entrypoint_prints_no_traceback_for_a_bad_file(bad_corpora, tmp_path):
+    """The whole stderr of `python -m jobs.embed` (Ray's own log lines included): no worker traceback."""
+    corpora, _, _ = bad_corpora
+    done = subprocess.run([sys.executable, "-m", "jobs.embed", *_job(corpora["truncated"], tmp_path / "db")[1:]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "pipeline/read.py" not in done.stderr
+    (ours,) = [line for line in done.stderr.splitlines() if line.startswith("embedlake: error:")]
+    assert ours.startswith(f"embedlake: error: input file {corpora['truncated']}/b-truncated.parquet {BAD_MESSAGE['truncated']}")
+
+
 def test_skip_embeds_the_good_files_whole_and_lists_the_bad_ones(bad_corpora, tmp_path, capsys, ray_local):
     """The usual sequence: the job fails naming a bad file; the same command with `skip` resumes and finishes."""
     import lancedb
