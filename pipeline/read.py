@@ -4,6 +4,9 @@ Bad files (issue #13). Every read task opens each of its files, which parses the
 metadata, and checks the schema (the job's columns, usable types) before it passes on a row. A file that
 fails there (random bytes, a truncated file whose footer is gone, a missing column, a text column that
 is not a string, no permission, a vanished object) is a `BadFile`: one line naming its URL and the cause.
+Usable types: ids are strings or integers, text (and title) strings. A binary text column is refused,
+not decoded row by row: text stored as bytes is a whole-column mistake, fixed once by writing it as a
+UTF-8 string column, and pre-flight finds it in the first file before Ray starts.
 With `--on-bad-file fail` it fails the job; with `skip` the task passes on nothing of it and records it
 in a `SkippedFiles` actor, which the driver lists in the report. An actor rather than a column the
 writer tallies: the prepare and embed stages would have to carry a row that is no document, and the
@@ -21,7 +24,6 @@ import contextlib
 import functools
 import glob as _glob
 from collections.abc import Iterator, Mapping
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,8 +37,6 @@ from pipeline.storage import StorageConfig, url_path
 
 _GLOB_CHARS = "*?["
 BLOCK_BYTES = 64 << 20  # uncompressed bytes per read block: well under Ray Data's 128 MiB target
-
-Role = Literal["id", "text"]
 
 
 class InputError(ValueError, UserCodeException):
