@@ -80,6 +80,8 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     _add_option(source, "--text-column", "text column")
     _add_option(source, "--title-column", "optional title column; the embedded text is title + ' ' + text")
     _add_option(source, "--keep-columns", "comma-separated input columns to carry into the table")
+    _add_option(source, "--on-bad-file", "a corrupt, truncated or unreadable Parquet file, or one lacking the job's "
+                                         "columns: fail the job naming it, or skip it and list it in the report")
 
     model = p.add_argument_group("model and encoding")
     _add_option(model, "--model", "model directory, fsspec URL of one, or Hugging Face hub id (cached)")
@@ -231,8 +233,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if dry_run:
         from pipeline.plan import format_plan, plan_job
 
-        print(format_plan(plan_job(cfg, tokens_per_second=tokens_per_second)))
-        return 0
+        plan = plan_job(cfg, tokens_per_second=tokens_per_second)
+        print(format_plan(plan))
+        return 2 if plan["problems"] else 0
     from pipeline.report import format_report
     from pipeline.run import run_job
 
@@ -369,8 +372,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # user errors: say what, no traceback
-        print(f"embedlake: error: {err}", file=sys.stderr)
+        print(f"embedlake: error: {user_message(err)}", file=sys.stderr)
         return 2
+
+
+def user_message(err: BaseException) -> str:
+    """A user error's one line, also when a Ray task raised it.
+
+    Ray re-raises a task's exception on the driver as `RayTaskError(<its type>)`, an instance of both, whose
+    str() is the worker's traceback; `.cause` is the exception the task raised. Ray Data appends a retry
+    hint to that one's message on a new line, so the first line is the task's own message.
+    """
+    if "ray" in sys.modules:  # no job ran without importing it
+        from ray.exceptions import RayTaskError
+
+        while isinstance(err, RayTaskError) and err.cause is not None:
+            err = err.cause
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance import LanceOperation
 from lance.commit import CommitConflictError
-from lance.fragment import FragmentMetadata
+from lance.fragment import FragmentMetadata, write_fragments
 
 from pipeline.sink import INTERNAL_PREFIX, open_existing
 from pipeline.storage import StorageConfig, url_path
@@ -193,6 +193,27 @@ def _replacing(ds: lance.LanceDataset, column: str, keys: list[str], fragments: 
         op = LanceOperation.Append(fragments)
     props = {**properties, "embedlake.replaced_rows": str(deleted)}
     return lance.Transaction(ds.version, op, transaction_properties=props), deleted
+
+
+def commit_skipped_files(uri: str, storage: StorageConfig, run_id: str, files: list[dict[str, str]]) -> None:
+    """Skipped input files into `<table>_rejected` (`rejected_uri`): a row each, no id or row number,
+    keyed `<file>#file`, so a re-run that skips it again replaces its row."""
+    if not files:
+        return
+    options = storage.lance_options()
+    keys = [f"{f['file']}#file" for f in files]
+    table = pa.table({"key": keys, "run_id": [run_id] * len(files), "file": [f["file"] for f in files],
+                      "row": pa.nulls(len(files), pa.int64()), "id": pa.nulls(len(files), pa.string()),
+                      "reason": [f"skipped file: {f['reason']}" for f in files]}, schema=REJECTED_SCHEMA)
+    fragments = write_fragments(table, uri, schema=REJECTED_SCHEMA, mode="append", storage_options=options)
+
+    def attempt() -> None:
+        ds = lance.dataset(uri, storage_options=options)
+        props = {f"{PROPERTY_PREFIX}run_id": run_id, f"{PROPERTY_PREFIX}what": "skipped_files"}
+        tx, _ = _replacing(ds, "key", keys, fragments, props)
+        lance.LanceDataset.commit(uri, tx, storage_options=options)
+
+    _retry_conflicts(attempt)
 
 
 def run_tag(run_id: str) -> str:

@@ -25,6 +25,7 @@ VectorDType = Literal["float32", "float16"]
 # workers import this module and must not import torch.
 Precision = Literal["auto", "float32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+BadFilePolicy = Literal["fail", "skip"]  # pipeline.read: what a corrupt, truncated or ill-shaped input file does
 
 
 def option(default: Any = MISSING, *, flag: str | None = None, at_least: float | None = None,
@@ -100,6 +101,8 @@ class SourceConfig:
     text_column: str = "text"
     title_column: str | None = None  # when set, the embedded text is title + " " + text
     keep_columns: tuple[str, ...] = ()
+    # skip: a file that cannot be read, or lacks the job's columns, is left out and listed in the report
+    on_bad_file: BadFilePolicy = "fail"
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -48,13 +48,14 @@ class _IdWriter:
 
 
 def index_source_ids(files: list[str], id_column: str, storage: StorageConfig, uri: str, *,
-                     num_cpus: float, concurrency: int, run_id: str) -> LookupSpec:
+                     num_cpus: float, concurrency: int, run_id: str, skipped=None) -> LookupSpec:
     """Write and index every (id, file, row) of `files` at `uri`; returns what prepare tasks look up."""
     import ray.data
 
     remove_ids(uri, storage)  # a previous attempt's leftovers
     options = storage.lance_options()
-    reads = ray.data.read_datasource(ParquetShards(files, (id_column,), storage), num_cpus=num_cpus,
+    shards = ParquetShards(files, (id_column,), storage, roles={id_column: "--id-column"}, skipped=skipped)
+    reads = ray.data.read_datasource(shards, num_cpus=num_cpus,
                                      concurrency=concurrency, override_num_blocks=len(files))
     written = reads.map_batches(_IdWriter(uri, id_column, options), batch_format="pyarrow", num_cpus=num_cpus,
                                 compute=ray.data.TaskPoolStrategy(size=concurrency))

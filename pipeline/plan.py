@@ -2,6 +2,8 @@
 
 Starts no encoders: only Parquet footers are read in full; a sample of documents goes through the
 prepare stage's own code (`prepare_units`: tokenize, chunk, reject) and its counts are extrapolated.
+First come the job's pre-flight checks (`pipeline.preflight`), all of them: a plan with `problems`
+lists every one and estimates nothing.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from model.loading import DEFAULT_MAX_BATCH_TOKENS
 from pipeline.config import JobConfig, check_value
+from pipeline.preflight import find_problems
 from pipeline.prepare import CHAR_SPANS, IDS, prepare_units
-from pipeline.read import list_files
+from pipeline.read import BadFile, column_roles, opened, schema_problem
 from pipeline.run import resolve
-from pipeline.storage import url_path
 
 SAMPLE_DOCS = 256
 # Per-actor tokens/s when none is configured: measured here for MiniLM on 2 CPU cores
@@ -50,21 +51,34 @@ def _sample_units(units: pa.Table) -> dict[str, int]:
 
 def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
     check_value("--tokens-per-second", tokens_per_second, float | None, above=0)
-    job = resolve(cfg, cluster=_local_cluster())
-    files = list_files(cfg.source, job.storage)
+    checked, problems = find_problems(cfg)
+    if checked is None:
+        return {"input": cfg.source.input, "output": {"db": cfg.sink.db, "table": cfg.sink.table,
+                                                      "mode": cfg.sink.mode}, "problems": problems}
+    job = resolve(cfg, cluster=_local_cluster(), described=checked.model)
+    files = checked.files
     fs = job.storage.fsspec_filesystem(files[0])
     # The sample goes through the prepare stage's own code, so its tokens and chunks are the job's.
     tok = job.tokenizer.with_max_length(job.window)
-    rows_per_file, sampled = [], Counter()
+    rows_per_file, sampled, skipped = [], Counter(), []
     for f in files:
-        with fs.open(url_path(f), "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            rows_per_file.append(pf.metadata.num_rows)
-            if sampled["rows"] < SAMPLE_DOCS and pf.metadata.num_rows:
-                batch = next(pf.iter_batches(batch_size=SAMPLE_DOCS - sampled["rows"], columns=cfg.source.columns))
-                units = prepare_units(pa.Table.from_batches([batch]), source=cfg.source, chunking=cfg.chunking,
-                                      tokenizer=tok, task=job.task)
-                sampled.update(_sample_units(units), rows=batch.num_rows)
+        try:
+            with opened(fs, f) as pf:
+                problem = schema_problem(pf.schema_arrow, cfg.source.columns, column_roles(cfg.source))
+                if problem:
+                    raise BadFile(f, problem)
+                rows_per_file.append(pf.metadata.num_rows)
+                if sampled["rows"] < SAMPLE_DOCS and pf.metadata.num_rows:
+                    batch = next(pf.iter_batches(batch_size=SAMPLE_DOCS - sampled["rows"], columns=cfg.source.columns))
+                    units = prepare_units(pa.Table.from_batches([batch]), source=cfg.source, chunking=cfg.chunking,
+                                          tokenizer=tok, task=job.task)
+                    sampled.update(_sample_units(units), rows=batch.num_rows)
+        except BadFile as bad:  # the job would fail on it, or skip it
+            rows_per_file.append(0)
+            if cfg.source.on_bad_file == "fail":
+                problems.append(str(bad))
+            else:
+                skipped.append({"file": bad.url, "reason": bad.reason})
     docs = sum(rows_per_file)
     # Per sampled row, rejected rows included: a corpus sampled whole is estimated exactly.
     est_tokens = sampled["tokens"] * docs / sampled["rows"] if sampled["rows"] else 0.0
@@ -100,12 +114,18 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
         "tokens_per_second_source": "configured" if tokens_per_second else f"default for {device}",
         "estimated_seconds": round(est_tokens / (tps * job.actors), 1) if est_tokens else 0.0,
         "output": {"db": cfg.sink.db, "table": cfg.sink.table, "mode": cfg.sink.mode},
+        "files_skipped": skipped,
+        "problems": problems,
     }
 
 
 def format_plan(plan: dict) -> str:
     lines = [f"dry run: {plan['input']} -> {plan['output']['db']} table {plan['output']['table']} ({plan['output']['mode']})"]
+    lines += [f"  problem: {p}" for p in plan["problems"]]
+    if "files" not in plan:  # pre-flight failed: nothing to estimate
+        return "\n".join(lines)
     lines += [f"  {f}  {n} rows" for f, n in zip(plan["files"], plan["rows_per_file"], strict=True)]
+    lines += [f"  skipped: {s['file']}: {s['reason']}" for s in plan["files_skipped"]]
     lines += [
         f"  documents {plan['documents']} (sampled {plan['sampled_documents']}): {plan['mean_tokens_per_document']} tokens"
         f" and {plan['mean_chunks_per_document']} chunks per document",

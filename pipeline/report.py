@@ -11,8 +11,10 @@ if TYPE_CHECKING:
     from pipeline.commit import CommitSummary
 
 
-def build_report(job: dict, summary: CommitSummary, *, wall_s: float, indexes: dict) -> dict:
+def build_report(job: dict, summary: CommitSummary, *, wall_s: float, indexes: dict,
+                 files_skipped: list[dict] | None = None) -> dict:
     """`job` is `pipeline.run.describe_job`'s plain facts; the counts come from the committed windows.
+    `files_skipped`: the bad files `--on-bad-file skip` left out, [{"file", "reason"}].
 
     Documents read reconcile as embedded (new + changed) + unchanged + rejected.
     """
@@ -45,6 +47,8 @@ def build_report(job: dict, summary: CommitSummary, *, wall_s: float, indexes: d
         "documents_missing_kept": summary.missing_kept,
         "documents_truncated": int(s.get("_truncated", 0)),
         "rejected_by_reason": dict(summary.rejected),
+        "files_skipped_count": len(files_skipped or []),
+        "files_skipped": list(files_skipped or []),
         "rejected_sample": summary.reject_sample,
         "rejected_table": f"{job['table']}_rejected",
         "chunks_written": summary.rows_committed,
@@ -98,6 +102,9 @@ def format_report(report: dict) -> str:
         f"  stage seconds {report['stage_s']}",
         f"  actors {len(report['actors'])}  commits {report['commits']}  indexes {report['indexes'] or 'none'}",
     ]
+    if report.get("files_skipped"):
+        lines.append(f"  files skipped {report['files_skipped_count']} (--on-bad-file skip):")
+        lines += [f"    {f['file']}: {f['reason']}" for f in report["files_skipped"]]
     if report.get("resumed_from"):
         r = report["resumed_from"]
         lines.append(f"  resumed from version {r['version']} ({r['rows']} rows already committed{', staged' if r['staged'] else ''})")

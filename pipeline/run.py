@@ -22,15 +22,16 @@ import lance
 import pyarrow as pa
 import ray
 
-from model import EncoderInfo, TextTokenizer, describe_model
-from pipeline.commit import LanceCommitter, Mode, Resume, staging_url
+from model import EncoderInfo, ModelDescription, TextTokenizer, describe_model
+from pipeline.commit import LanceCommitter, Mode, Resume, commit_skipped_files, staging_url
 from pipeline.config import JobConfig
 from pipeline.dedup import index_source_ids, remove_ids
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.partitions import Partitions, select, with_partition_columns
+from pipeline.preflight import preflight
 from pipeline.prepare import REJECT, SOURCE_ROWS, PrepareSpec, prepare_batch
-from pipeline.read import ParquetShards, list_files, read_source, source_schema
+from pipeline.read import ParquetShards, column_roles, read_source, skip_recorder, skipped_files
 from pipeline.report import build_report, save_report
 from pipeline.sink import build_vector_indexes, table_uri, write_dataset
 from pipeline.storage import StorageConfig
@@ -58,9 +59,11 @@ class ResolvedJob:
     storage: StorageConfig
 
 
-def resolve(cfg: JobConfig, *, cluster: dict | None = None) -> ResolvedJob:
+def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDescription | None = None) -> ResolvedJob:
+    """`described`: the model as pre-flight found it (describing it again hashes its weights again)."""
     storage = StorageConfig.from_env(cfg.storage_options)
-    described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
+    if described is None:
+        described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
     info = described.info
     task = cfg.encode.task if cfg.encode.task is not None else info.default_task
     if task is not None and task not in info.tasks:
@@ -133,20 +136,24 @@ def table_metadata(job: ResolvedJob, kind: str, partitions: str | None = None) -
         written_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     vector_settings = {k: v for k, v in meta.to_metadata().items() if k not in ("run_id", "job_key", "state", "written_at")}
-    command = {"kind": kind, "input": cfg.source.input, "source": dataclasses.asdict(cfg.source),
+    # --on-bad-file is no part of the command's identity: a run failed on a bad file resumes with `skip`.
+    source = {k: v for k, v in dataclasses.asdict(cfg.source).items() if k != "on_bad_file"}
+    command = {"kind": kind, "input": cfg.source.input, "source": source,
                "table": table_uri(cfg.sink.db, cfg.sink.table), "partitions": partitions, **vector_settings}
     key = hashlib.sha256(json.dumps(command, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return dataclasses.replace(meta, job_key=key)
 
 
 def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None = None,
-                  ids_index: LookupSpec | None = None, partitions: Partitions | None = None) -> ray.data.Dataset:
+                  ids_index: LookupSpec | None = None, partitions: Partitions | None = None,
+                  skipped: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+    """The job's stages; `skipped` (`pipeline.read.skip_recorder`) takes the bad files, else they fail it."""
     cfg = job.cfg
     late = cfg.chunking.late and cfg.chunking.mode != "none"
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
     # never more read tasks than files.
     tasks = min(job.prepare_tasks, len(files))
-    ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks)
+    ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks, skipped=skipped)
     units_source = cfg.source  # the columns units carry on: the kept ones, and a backfill's partition columns
     if partitions is not None:
         ds = ds.map_batches(with_partition_columns, fn_kwargs={"partitions": partitions}, batch_format="pyarrow",
@@ -207,19 +214,19 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
     may run at once on one table (their commits retry on conflicts; ids must be unique across
     partitions).
     """
-    ensure_ray()
     t0 = time.perf_counter()
+    checked = preflight(cfg)  # input, output and model, before Ray starts (issue #13)
     mode = mode or cfg.sink.mode
-    job = resolve(cfg)
-    log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
-    files = list_files(cfg.source, job.storage)
+    files, source = checked.files, checked.schema
     parts = None
     if mode == "backfill":
         if not partitions:
             raise ValueError("backfill needs --partitions: a list of partition paths or a filter over partition columns")
         parts = select(cfg.source.input, files, partitions)
         files = sorted(parts.values)
-    source = source_schema(cfg.source, job.storage, files)
+    ensure_ray()
+    job = resolve(cfg, described=checked.model)
+    log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
     uri = table_uri(cfg.sink.db, cfg.sink.table)
     committer = LanceCommitter(
         uri, output_schema(job, source, parts.keys if parts else ()), job.storage, mode,
@@ -230,23 +237,28 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
     lookup = _lookup(uri, resume, job.storage, cfg.run_id)
     if resume.resumed:
         log.info("resuming: %d rows of version %s already committed", resume.rows_before, resume.base_version)
-    if mode == "reembed" and lookup is not None:
-        _reconcile_missing(job, files, lookup, committer, delete=delete_missing)
-    if parts is not None and lookup is not None:  # the selected partitions' rows follow the source exactly
-        _reconcile_missing(job, files, lookup, committer, delete=True, where=parts.predicate)
+    skipped = skip_recorder(cfg.source)
     ids_uri = staging_url(uri, f"{committer.metadata.job_key}-ids.lance")
     ids_index = index_source_ids(files, cfg.source.id_column, job.storage, ids_uri, num_cpus=LIGHT_TASK_CPUS,
-                                 concurrency=min(job.prepare_tasks, len(files)), run_id=cfg.run_id)
-    summary = write_dataset(build_dataset(job, files, lookup, ids_index, parts), committer,
+                                 concurrency=min(job.prepare_tasks, len(files)), run_id=cfg.run_id, skipped=skipped)
+    # A skipped file's documents would look gone from the source: never delete on their account.
+    may_delete = not skipped_files(skipped)
+    if mode == "reembed" and lookup is not None:
+        _reconcile_missing(job, files, lookup, committer, delete=delete_missing and may_delete, skipped=skipped)
+    if parts is not None and lookup is not None:  # the selected partitions' rows follow the source exactly
+        _reconcile_missing(job, files, lookup, committer, delete=may_delete, where=parts.predicate, skipped=skipped)
+    summary = write_dataset(build_dataset(job, files, lookup, ids_index, parts, skipped), committer,
                             writer_num_cpus=LIGHT_TASK_CPUS)
     remove_ids(ids_uri, job.storage)
+    commit_skipped_files(committer.rejected_uri, job.storage, cfg.run_id, skipped_files(skipped))
     if not committer.staged:
         ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
     indexes = {}
     if cfg.sink.index:
         cols = [vector_column(d) for d in job.dims]
         indexes = build_vector_indexes(cfg.sink.db, cfg.sink.table, cols, job.storage.lance_options())
-    report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes)
+    report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes,
+                          files_skipped=skipped_files(skipped))
     in_source = int(summary.stats.get(SOURCE_ROWS, 0))
     if report["documents_read"] != in_source:  # the files' footers against every row's recorded fate
         raise RuntimeError(f"counts do not reconcile: the input files hold {in_source} rows, but "
@@ -267,10 +279,10 @@ def _lookup(uri: str, resume: Resume, storage: StorageConfig, run_id: str) -> Lo
 
 
 def _reconcile_missing(job: ResolvedJob, files: list[str], lookup: LookupSpec, committer: LanceCommitter,
-                       *, delete: bool, where: str | None = None) -> None:
+                       *, delete: bool, where: str | None = None, skipped: ray.actor.ActorHandle | None = None) -> None:
     """Count (and with `delete`, remove in windows) the table's documents that the source lost."""
     src = job.cfg.source
-    ids = ParquetShards(files, (src.id_column,), job.storage)
+    ids = ParquetShards(files, (src.id_column,), job.storage, roles=column_roles(src), skipped=skipped)
     source_ids = ray.data.read_datasource(ids, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(files)).map_batches(
         lambda t: pa.table({"id": t[src.id_column].cast(pa.string())}), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     missing = missing_ids(lookup, source_ids, partitions=max(1, len(files) // 8), where=where)
