@@ -199,3 +199,8 @@ def test_skip_embeds_the_good_files_whole_and_lists_the_bad_ones(bad_corpora, tm
     skipped = {Path(s["file"]).name: s["reason"] for s in report["files_skipped"]}
     assert sorted(skipped) == sorted(f"b-{kind}.parquet" for kind in BAD)
     assert all(skipped[f"b-{kind}.parquet"].startswith(message) for kind, message in BAD_MESSAGE.items())
+    # ... and each skipped file is a row of <table>_rejected: the file, no id, no row, the reason.
+    rejected = lancedb.connect(str(tmp_path / "db")).open_table("docs_rejected").to_arrow().to_pylist()
+    files = {Path(r["file"]).name: r for r in rejected if r["row"] is None}
+    assert sorted(files) == sorted(skipped) and all(r["id"] is None for r in files.values())
+    assert all(files[f]["reason"] == f"skipped file: {skipped[f]}" for f in files)
