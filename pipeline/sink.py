@@ -202,6 +202,14 @@ class FragmentWriter:
 # --------------------------------------------------------------------------------------------------
 
 
+# Retries of a writer task whose process or node died (Ray Data 2.60 retries its tasks without limit,
+# `max_retries=-1`, and only on system failures). A retry is safe: it writes its fragments again under
+# new file names, and only the attempt whose result reaches the driver is committed; the failed
+# attempt's files are orphans for `cleanup_old_versions`. Bounded, so a writer that kills its
+# worker every time (e.g. out of memory) fails the job instead of looping.
+WRITER_MAX_RETRIES = 4
+
+
 def write_dataset(
     ds: ray.data.Dataset,
     committer: LanceCommitter,
@@ -232,6 +240,7 @@ def write_dataset(
         batch_size=batch_size,
         compute=ray.data.TaskPoolStrategy(size=writer_concurrency),
         num_cpus=writer_num_cpus,
+        max_retries=WRITER_MAX_RETRIES,
     )
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
         committer.add(batch)
