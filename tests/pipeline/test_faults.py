@@ -232,22 +232,47 @@ def two_nodes(spread_over_actors) -> Iterator[Cluster]:
 def test_worker_node_removed_mid_run_is_exactly_once(reference, tmp_path, two_nodes):
     src, want = reference
     db = str(tmp_path / "db")
+    # The job runs in a thread: Cluster.add_node starts processes and must run on the main thread.
+    job = RunInThread(config(src, db, "docs", commit_every_rows=WINDOW))
+    deadline = time.monotonic() + 240
+    while _latest_what(table_uri(db, "docs"), {}) not in ("window", "complete"):
+        assert time.monotonic() < deadline and job.is_alive(), "no window was committed"
+        time.sleep(0.05)
+    assert _latest_what(table_uri(db, "docs"), {}) == "window", "the run ended before the node could be removed"
+    node_id = _wait_for_encoder()["Address"]["NodeID"]
+    [node] = [n for n in two_nodes.worker_nodes if n.node_id == node_id]
+    two_nodes.remove_node(node, allow_graceful=False)
+    # A preemptible node's replacement: the restarted actor needs a node with a GPU to land on.
+    two_nodes.add_node(num_cpus=2, num_gpus=1, object_store_memory=OBJECT_STORE)
+    report = job.result(timeout_s=300)
 
-    def remove_encoder_node() -> str:
-        node_id = _wait_for_encoder()["Address"]["NodeID"]
-        [node] = [n for n in two_nodes.worker_nodes if n.node_id == node_id]
-        two_nodes.remove_node(node, allow_graceful=False)
-        # A preemptible node's replacement: the restarted actor needs a GPU node to land on.
-        two_nodes.add_node(num_cpus=2, num_gpus=1, object_store_memory=OBJECT_STORE)
-        return node_id
-
-    killer = AfterFirstWindow(table_uri(db, "docs"), remove_encoder_node)
-    killer.start()
-    report = run_job(config(src, db, "docs", commit_every_rows=WINDOW))
-    removed = killer.check()
-
-    assert removed not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     _assert_exact(report, rows(db, "docs"), want)
+
+
+class RunInThread(threading.Thread):
+    """`run_job(cfg)` on a daemon thread; `result()` joins and returns the report or raises its error."""
+
+    def __init__(self, cfg: object):
+        super().__init__(daemon=True)
+        self.cfg = cfg
+        self.report: dict | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.report = run_job(self.cfg)
+        except BaseException as e:  # re-raised by result()
+            self.error = e
+
+    def result(self, timeout_s: float) -> dict:
+        self.join(timeout=timeout_s)
+        assert not self.is_alive(), f"the run did not finish within {timeout_s} s of the fault"
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report
 
 
 # --------------------------------------------------------------------------------------------------
