@@ -141,6 +141,9 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
     # never more read tasks than files.
     tasks = min(job.prepare_tasks, len(files))
+    # Read+prepare tasks keep Ray Data 2.60's retry setting, max_retries=-1 on system failures (a dead
+    # worker or node): they are pure functions of their files, so a retry only repeats work. Setting it
+    # here would need the same value on the read (fusion requires equal remote args).
     ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=cfg.source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,

@@ -206,7 +206,8 @@ class FragmentWriter:
 # `max_retries=-1`, and only on system failures). A retry is safe: it writes its fragments again under
 # new file names, and only the attempt whose result reaches the driver is committed; the failed
 # attempt's files are orphans for `cleanup_old_versions`. Bounded, so a writer that kills its
-# worker every time (e.g. out of memory) fails the job instead of looping.
+# worker every time (e.g. out of memory) fails the job instead of looping. Ray 2.60 has no named
+# map_batches parameter for it, so it travels in the deprecated `**ray_remote_args` (gone in 2.64).
 WRITER_MAX_RETRIES = 4
 
 
