@@ -153,6 +153,9 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
     # Read and prepare share one task pool size, so Ray fuses them into one task per file; there are
     # never more read tasks than files.
     tasks = min(job.prepare_tasks, len(files))
+    # Read+prepare tasks keep Ray Data 2.60's retry setting, max_retries=-1 on system failures (a dead
+    # worker or node): they are pure functions of their files, so a retry only repeats work. Setting it
+    # here would need the same value on the read (fusion requires equal remote args).
     ds = read_source(cfg.source, job.storage, files, num_cpus=LIGHT_TASK_CPUS, concurrency=tasks, skipped=skipped)
     units_source = cfg.source  # the columns units carry on: the kept ones, and a backfill's partition columns
     if partitions is not None:

@@ -223,6 +223,15 @@ class FragmentWriter:
 # --------------------------------------------------------------------------------------------------
 
 
+# Retries of a writer task whose process or node died (Ray Data 2.60 retries its tasks without limit,
+# `max_retries=-1`, and only on system failures). A retry is safe: it writes its fragments again under
+# new file names, and only the attempt whose result reaches the driver is committed; the failed
+# attempt's files are orphans for `cleanup_old_versions`. Bounded, so a writer that kills its
+# worker every time (e.g. out of memory) fails the job instead of looping. Ray 2.60 has no named
+# map_batches parameter for it, so it travels in the deprecated `**ray_remote_args` (gone in 2.64).
+WRITER_MAX_RETRIES = 4
+
+
 def write_dataset(
     ds: ray.data.Dataset,
     committer: LanceCommitter,
@@ -254,6 +263,7 @@ def write_dataset(
         batch_size=batch_size,
         compute=ray.data.TaskPoolStrategy(size=writer_concurrency),
         num_cpus=writer_num_cpus,
+        max_retries=WRITER_MAX_RETRIES,
     )
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
         committer.add(batch)

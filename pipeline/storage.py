@@ -36,6 +36,13 @@ _ENV_TO_OPTION: dict[str, tuple[str, ...]] = {
 # the fsspec mapping below has one name to look for.
 _ALIASES = {f"aws_{k}": k for k in _ENV_TO_OPTION}
 
+# Lance's object-store client gives up on a transient error (503, connection reset, endpoint
+# unreachable) after 3 retries, about 0.6 s of backoff: a 10 s S3 outage mid-write failed a writer
+# task's list request ("after 3 retries, max_retries: 3", tests/pipeline/test_faults.py). 10 retries
+# back off for tens of seconds within Lance's 180 s `client_retry_timeout`. Explicit options win.
+# (s3fs needs nothing: its own retry loop over botocore's rode out the same 10 s outage on a read.)
+LANCE_RETRY_DEFAULTS = {"client_max_retries": "10"}
+
 _SECRET_KEY = re.compile(r"secret|token|password|credential|access_key_id|account_key|sas", re.IGNORECASE)
 REDACTED = "***"
 _S3_SCHEMES = ("s3", "s3a")
@@ -100,8 +107,8 @@ class StorageConfig:
         return cls(options)
 
     def lance_options(self) -> dict[str, str]:
-        """A copy for `lancedb.connect(storage_options=...)` and the `lance` APIs."""
-        return dict(self.options)
+        """A copy for `lancedb.connect(storage_options=...)` and the `lance` APIs, with our retry defaults."""
+        return {**LANCE_RETRY_DEFAULTS, **self.options}
 
     def fsspec_filesystem(self, url: str) -> fsspec.AbstractFileSystem:
         """An fsspec filesystem for `url`: s3fs built from these options for s3://, fsspec's default otherwise.

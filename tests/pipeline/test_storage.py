@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import StorageConfig, parse_storage_options
+from pipeline.storage import LANCE_RETRY_DEFAULTS, StorageConfig, parse_storage_options
 
 FULL_ENV = {
     "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
@@ -22,6 +22,7 @@ FULL_ENV = {
 def test_from_env_maps_standard_variables_to_lance_names():
     cfg = StorageConfig.from_env(env=FULL_ENV)
     assert cfg.lance_options() == {
+        **LANCE_RETRY_DEFAULTS,
         "endpoint": "http://127.0.0.1:9",
         "access_key_id": "AKIDEXAMPLE",
         "secret_access_key": "s3cr3t",
@@ -39,8 +40,9 @@ def test_from_env_precedence_and_empty_environment():
         "AWS_ENDPOINT_URL_S3": "http://s3-specific",
     }
     opts = StorageConfig.from_env(env=env).lance_options()
-    assert opts == {"region": "us-east-2", "endpoint": "http://s3-specific"}
-    assert StorageConfig.from_env(env={}).lance_options() == {}
+    assert opts == {**LANCE_RETRY_DEFAULTS, "region": "us-east-2", "endpoint": "http://s3-specific"}
+    assert StorageConfig.from_env(env={}).lance_options() == LANCE_RETRY_DEFAULTS
+    assert StorageConfig.from_env({"client_max_retries": "2"}, env={}).lance_options() == {"client_max_retries": "2"}
 
 
 def test_overrides_win_normalize_aws_prefix_and_pass_unknown_keys_through():
@@ -92,7 +94,7 @@ def test_local_paths_use_default_filesystems(tmp_path):
 
 def test_s3_filesystems_from_env_reach_moto(s3_env):
     cfg = StorageConfig.from_env()  # reads the AWS_* variables s3_env set
-    assert cfg.lance_options() == s3_env.storage_options
+    assert cfg.lance_options() == {**LANCE_RETRY_DEFAULTS, **s3_env.storage_options}
     url = s3_env.url("storage-test", "t.parquet")
 
     fs = cfg.fsspec_filesystem(url)
