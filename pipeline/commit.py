@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
@@ -38,16 +37,15 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 from lance import LanceOperation
-from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
+from pipeline.lance_commit import commit_once, retry_conflicts, retry_io
 from pipeline.sink import INTERNAL_PREFIX, open_existing
 from pipeline.storage import StorageConfig, url_path
 from pipeline.table_meta import TableMetadata
 
 Mode = Literal["create", "append", "overwrite", "reembed", "full", "backfill"]
 T = TypeVar("T")
-CONFLICT_RETRIES = 10
 MAX_REJECT_SAMPLE = 100  # rejected rows listed in the summary; all are counted by reason
 # Every commit's Lance transaction properties are named with this prefix; `pipeline.history` reads them.
 PROPERTY_PREFIX = "embedlake."
@@ -211,26 +209,14 @@ def commit_skipped_files(uri: str, storage: StorageConfig, run_id: str, files: l
         ds = lance.dataset(uri, storage_options=options)
         props = {f"{PROPERTY_PREFIX}run_id": run_id, f"{PROPERTY_PREFIX}what": "skipped_files"}
         tx, _ = _replacing(ds, "key", keys, fragments, props)
-        lance.LanceDataset.commit(uri, tx, storage_options=options)
+        commit_once(uri, tx, options)
 
-    _retry_conflicts(attempt)
+    retry_conflicts(attempt)
 
 
 def run_tag(run_id: str) -> str:
     """The tag on the version a finished run left the table at."""
     return f"embedlake-run-{run_id}"
-
-
-def _retry_conflicts(attempt: Callable[[], T]) -> T:
-    """`attempt()` until no concurrent commit conflicts with it (each attempt re-reads what it builds on)."""
-    for n in range(CONFLICT_RETRIES):
-        try:
-            return attempt()
-        except CommitConflictError:
-            if n == CONFLICT_RETRIES - 1:
-                raise
-            time.sleep(0.05 * 2**n)
-    raise AssertionError("unreachable")
 
 
 class LanceCommitter:
@@ -338,13 +324,11 @@ class LanceCommitter:
     def _create(self) -> bool:
         """Create the empty table, atomically if absent (Lance's create mode puts version 1 only if no
         one did: two backfills starting on a new table cannot both create it). False if one did."""
-        try:
-            ds = lance.write_dataset(self.schema.empty_table(), self.uri, mode="create",
-                                     storage_options=self.storage_options)
-        except OSError as e:
-            if "already exists" in str(e):
-                return False
-            raise
+        ds = retry_io(lambda: lance.write_dataset(self.schema.empty_table(), self.uri, mode="create",
+                                                  storage_options=self.storage_options),
+                      lambda: open_existing(self.uri, self.storage_options) is not None)
+        if ds is None:  # it exists: made by another run, or by our own attempt whose answer was lost
+            return False
         self._commit_metadata(ds.version, running=True)
         return True
 
@@ -362,8 +346,8 @@ class LanceCommitter:
 
     def _ensure_rejected_table(self) -> None:
         if open_existing(self.rejected_uri, self.storage_options) is None:
-            lance.LanceDataset.commit(self.rejected_uri, LanceOperation.Overwrite(REJECTED_SCHEMA, []),
-                                      storage_options=self.storage_options)
+            commit_once(self.rejected_uri, lance.Transaction(0, LanceOperation.Overwrite(REJECTED_SCHEMA, [])),
+                        self.storage_options)
 
     def _resumed(self, base: int | None, *, resumed: bool) -> Resume:
         self._ensure_rejected_table()
@@ -464,7 +448,7 @@ class LanceCommitter:
             tx, deleted = _replacing(ds, "id", ids, fragments, self._properties(what, **counts))
             return (None, 0) if tx is None else (self._commit(tx), deleted)
 
-        return _retry_conflicts(attempt)
+        return retry_conflicts(attempt)
 
     def _commit_rejected(self, results: list[WriterResult]) -> None:
         """The window's rejected rows into `<table>_rejected`, before its data: a crash between the two
@@ -478,9 +462,9 @@ class LanceCommitter:
             ds = lance.dataset(self.rejected_uri, storage_options=self.storage_options)
             tx, _ = _replacing(ds, "key", keys, fragments, self._properties("rejected", rows=len(keys)))
             if tx is not None:
-                lance.LanceDataset.commit(self.rejected_uri, tx, storage_options=self.storage_options)
+                commit_once(self.rejected_uri, tx, self.storage_options)
 
-        _retry_conflicts(attempt)
+        retry_conflicts(attempt)
 
     def _commit_metadata(self, read_version: int, *, running: bool, **counts: int) -> int:
         """This run's metadata as the table's, replacing the previous run's. Two live runs on one table
@@ -497,11 +481,11 @@ class LanceCommitter:
             props = self._properties("metadata" if running else "complete", **counts)
             return self._commit(lance.Transaction(base, op, transaction_properties=props))
 
-        return _retry_conflicts(attempt).version
+        return retry_conflicts(attempt).version
 
     def _commit(self, tx: lance.Transaction) -> lance.LanceDataset:
         """Commit (detached while staging: then the pointer follows the new staged version)."""
-        ds = lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options, detached=self.staged)
+        ds = commit_once(self.uri, tx, self.storage_options, detached=self.staged)
         if self.staged:
             self._stage_version = ds.version
             self._write_pointer()
@@ -525,7 +509,7 @@ class LanceCommitter:
             latest = lance.dataset(self.uri, storage_options=self.storage_options).version
             tx = lance.Transaction(latest, LanceOperation.Restore(self._stage_version),
                                    transaction_properties=self._properties("switch", **counts))
-            version = lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options).version
+            version = commit_once(self.uri, tx, self.storage_options).version
             self._remove_pointer()
         else:
             latest = lance.dataset(self.uri, storage_options=self.storage_options).version

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from lance import LanceOperation
 from lance.fragment import FragmentMetadata, write_fragments
 
-from pipeline.diff import LookupSpec
+from pipeline.diff import LookupSpec, has_id_index
+from pipeline.lance_commit import commit_once, retry_io
 from pipeline.read import SOURCE_FILE, SOURCE_ROW, ParquetShards
 from pipeline.storage import StorageConfig, url_path
 
@@ -63,9 +64,9 @@ def index_source_ids(files: list[str], id_column: str, storage: StorageConfig, u
     for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
         for cell in batch["fragments"].to_pylist():
             fragments += [FragmentMetadata.from_json(json.dumps(d)) for d in json.loads(cell)]
-    ds = lance.LanceDataset.commit(uri, LanceOperation.Overwrite(IDS_SCHEMA, fragments), storage_options=options)
+    ds = commit_once(uri, lance.Transaction(0, LanceOperation.Overwrite(IDS_SCHEMA, fragments)), options)
     if ds.count_rows():
-        ds.create_scalar_index("id", "BTREE")
+        retry_io(lambda: ds.create_scalar_index("id", "BTREE"), lambda: has_id_index(uri, options))
     return LookupSpec(uri, lance.dataset(uri, storage_options=options).version, tuple(sorted(options.items())), run_id)
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import lance
 import pyarrow.compute as pc
 
+from pipeline.lance_commit import retry_io
+
 if TYPE_CHECKING:
     import ray.data
 
@@ -67,15 +69,21 @@ def statuses(spec: LookupSpec | None, ids: list[str | None], hashes: list[str | 
     return out
 
 
+def has_id_index(uri: str, storage_options: dict[str, str]) -> bool:
+    ds = lance.dataset(uri, storage_options=storage_options)
+    return any(idx.field_names == ["id"] for idx in ds.describe_indices())
+
+
 def ensure_id_index(uri: str, storage_options: dict[str, str]) -> None:
-    """A BTREE index on `id` (created, or updated with the rows added since), for lookups and deletions."""
+    """A BTREE index on `id` (created, or updated with the rows added since), for lookups and deletions.
+    An I/O error on its commit is retried unless the index landed (`pipeline.commit.retry_io`)."""
     ds = lance.dataset(uri, storage_options=storage_options)
     if ds.count_rows() == 0:
         return
-    if any(idx["fields"] == ["id"] for idx in ds.list_indices()):
-        ds.optimize.optimize_indices()
+    if has_id_index(uri, storage_options):
+        retry_io(ds.optimize.optimize_indices, lambda: False)  # an update twice is harmless
     else:
-        ds.create_scalar_index("id", "BTREE")
+        retry_io(lambda: ds.create_scalar_index("id", "BTREE"), lambda: has_id_index(uri, storage_options))
 
 
 def missing_ids(spec: LookupSpec, source_ids: ray.data.Dataset, *, partitions: int,

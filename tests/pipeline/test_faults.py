@@ -36,7 +36,7 @@ from test_cluster import OBJECT_STORE, _forget_address_file
 from test_incremental import assert_same_table, config, corpus, rows, write_corpus
 
 from pipeline.commit import LanceCommitter
-from pipeline.read import list_files, source_schema
+from pipeline.preflight import check_input
 from pipeline.run import LIGHT_TASK_CPUS, build_dataset, output_schema, resolve, run_job, table_metadata
 from pipeline.sink import WRITER_MAX_RETRIES, table_uri, write_dataset
 from pipeline.storage import StorageConfig
@@ -181,9 +181,9 @@ def test_writer_task_dying_after_a_write_is_retried_and_committed_once(reference
     src, want = reference
     cfg = config(src, str(tmp_path / "db"), "docs", commit_every_rows=WINDOW)
     job = resolve(cfg)
-    files = list_files(cfg.source, job.storage)
+    files, source = check_input(cfg.source, job.storage)
     uri = table_uri(cfg.sink.db, cfg.sink.table)
-    committer = LanceCommitter(uri, output_schema(job, source_schema(cfg.source, job.storage, files)), job.storage,
+    committer = LanceCommitter(uri, output_schema(job, source), job.storage,
                                "create", table_metadata(job, "create"), commit_every_rows=WINDOW)
     committer.begin()
     marker = tmp_path / "writer-failed"
@@ -467,20 +467,21 @@ def _complete_or_resume(cfg: object, moto_s3, want: pa.Table) -> tuple[str, str]
         return "resumed", f"{type(e).__name__}: {e}"
 
 
-def test_reset_commit_put_fails_cleanly_and_resumes(reference, moto_s3, tmp_path):
+def test_reset_commit_put_is_checked_and_retried(reference, moto_s3, tmp_path):
     """A connection reset on a commit's conditional PUT is not retried by Lance's object store client
-    (it cannot know whether the PUT landed), so the run fails; the windows it committed hold, and a
-    re-run completes the table exactly. Retrying here needs the committer to check whether its
-    version landed (pipeline/commit.py); until then this is the clean-failure path of issue #13."""
+    (it cannot know whether the PUT landed); the committer looks for its transaction among the new
+    versions and commits again only if it is not there (`pipeline.commit.commit_once`): the run
+    completes, exactly."""
     src, want = reference
     prefix = f"commitreset-{tmp_path.name}"
     s3_src, db = _upload_corpus(src, moto_s3, prefix), moto_s3.url(prefix, "db")
     with FlakyS3Proxy(moto_s3.endpoint_url, slowdown=0.0, reset=0.0) as proxy:
-        # Conditional PUTs: 1 the table, 2 its metadata, 3 the first window, 4 the second window.
-        proxy.reset_conditional = {4}
+        # Conditional PUTs, in order: the table, its metadata, the rejected table, the duplicate-id
+        # index, its BTREE index, then the windows: reset one of each kind.
+        proxy.reset_conditional = {2, 4, 7, 9}
         outcome, error = _complete_or_resume(_s3_config(s3_src, db, moto_s3, proxy), moto_s3, want)
-    assert proxy.counts["reset"] == 1, proxy.counts
-    assert outcome == "resumed" and "PUT" in error and ".manifest" in error, (outcome, error)
+    assert proxy.counts["reset"] == 4, proxy.counts
+    assert outcome == "completed", (outcome, error)
     assert_same_table(_s3_rows(db, moto_s3), want)
 
 
