@@ -24,6 +24,7 @@ from model.bert import load_bert, native_config
 from model.encoder import Encoder, EncoderInfo
 from model.packing import pack, pad, pool_spans, unpad
 from model.tokenization import TextTokenizer
+from model.weights import safetensors_files
 
 _POOLING_MODES = {  # 1_Pooling/config.json flag -> our name, in sentence-transformers' concat order
     "pooling_mode_cls_token": "cls",
@@ -179,6 +180,7 @@ def _load_transformers(tdir: Path, device: torch.device, dtype: torch.dtype) -> 
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    safetensors_files(tdir)  # refused here, in model.weights' words, rather than in transformers' own
     hf_logging.disable_progress_bar()  # one bar per actor and load is noise in job logs
     # transformers picks SDPA where the architecture has it and eager attention elsewhere (MPNet).
     model = AutoModel.from_pretrained(tdir, dtype=dtype, use_safetensors=True, trust_remote_code=False)

@@ -2,7 +2,8 @@
 
 Runs as plain Ray tasks beside the encoder actors, so tokenization of block N+1 overlaps the
 encoding of block N. Bad rows are not dropped: they leave this stage with `_reject_reason` set and
-are reported by the writer. Units are:
+are reported by the writer. Text and title values from a binary column are decoded here as UTF-8, row by
+row; one that is not UTF-8 is such a row (`INVALID_UTF8`). Units are:
 - chunking none: one per document (truncated at the window, recorded in `_truncated`);
 - naive chunking: one per chunk, each chunk text encoded on its own;
 - late chunking: one per document, whole (no truncation), with the token spans of its chunks.
@@ -12,6 +13,7 @@ all of a document's chunk rows have arrived.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -38,6 +40,7 @@ DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the unit's document (0 if rejected
 SOURCE_ROWS = "_source_rows"  # stat: the footer row counts of the files a batch started (pipeline.read)
 REJECT = "_reject_reason"  # null = accepted; otherwise why the row was not embedded
 STATUS = "_status"  # new | changed | unchanged against the table the run resumes or updates (pipeline.diff)
+INVALID_UTF8 = "invalid utf-8"  # the reject reason of a binary text or title value that is not UTF-8
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,23 @@ def embedded_text(text: str, title: str | None) -> str:
     return f"{title} {text}" if title else text
 
 
-def _reject_reason(doc_id, text) -> str | None:
+def _decoded(value):
+    """A text or title value as a string: a binary column's bytes decoded as UTF-8. Bytes that are not
+    UTF-8 stay bytes, for `_reject_reason` to reject."""
+    if isinstance(value, bytes):
+        with contextlib.suppress(UnicodeDecodeError):
+            return value.decode("utf-8")
+    return value
+
+
+def _reject_reason(doc_id, text, title=None) -> str | None:
+    """Why a row (its values `_decoded`) is not embedded, or None."""
     if doc_id is None:
         return "missing id"
     if text is None:
         return "missing text"
+    if isinstance(text, bytes) or isinstance(title, bytes):
+        return INVALID_UTF8
     if not isinstance(text, str):
         return f"text is {type(text).__name__}, not a string"
     if not text.strip():
@@ -225,8 +240,9 @@ def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingCo
     texts = batch.column(source.text_column).to_pylist()
     titles = batch.column(source.title_column).to_pylist() if source.title_column else [None] * len(texts)
     units, docs = _Units(), []
-    for row, (doc_id, text, title) in enumerate(zip(ids, texts, titles, strict=True)):
-        reason = _reject_reason(doc_id, text)
+    for row, (doc_id, raw_text, raw_title) in enumerate(zip(ids, texts, titles, strict=True)):
+        text, title = _decoded(raw_text), _decoded(raw_title)
+        reason = _reject_reason(doc_id, text, title)
         if reason is not None:
             units.reject(row, doc_id, text, reason)
             continue

@@ -3,10 +3,11 @@
 Bad files (issue #13). Every read task opens each of its files, which parses the footer and all row-group
 metadata, and checks the schema (the job's columns, usable types) before it passes on a row. A file that
 fails there (random bytes, a truncated file whose footer is gone, a missing column, a text column that
-is not a string, no permission, a vanished object) is a `BadFile`: one line naming its URL and the cause.
-Usable types: ids are strings or integers, text (and title) strings. A binary text column is refused,
-not decoded row by row: text stored as bytes is a whole-column mistake, fixed once by writing it as a
-UTF-8 string column, and pre-flight finds it in the first file before Ray starts.
+cannot hold text, no permission, a vanished object) is a `BadFile`: one line naming its URL and the cause.
+Usable types: ids are strings or integers, text (and title) strings or binary. A binary value is decoded
+as UTF-8 row by row in the prepare stage, and one that is not UTF-8 is a rejected row (issue #13, Rows);
+a type no value of which could be text (integers, floats, lists) is refused whole, by pre-flight in the
+first file before Ray starts.
 With `--on-bad-file fail` it fails the job; with `skip` the task passes on nothing of it and records it
 in a `SkippedFiles` actor, which the driver lists in the report. An actor rather than a column the
 writer tallies: the prepare and embed stages would have to carry a row that is no document, and the
@@ -115,18 +116,18 @@ def column_roles(source: SourceConfig) -> dict[str, str]:
     return roles
 
 
+# Text and title column types: strings, or bytes the prepare stage decodes as UTF-8 row by row.
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+
+
 def _type_problem(column: str, kind: pa.DataType, flag: str) -> str | None:
     """Why `column`'s type cannot serve as `flag`'s column, or None: every row would be rejected."""
     if flag == "--id-column":
         if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
             return None
         return f"has id column {column!r} of type {kind}; ids must be strings or integers: name another with {flag}"
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if any(is_type(kind) for is_type in _TEXT_TYPES):
         return None
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        # Refused whole rather than decoded row by row: bytes that are text belong in a string column.
-        return (f"has {flag} column {column!r} of type {kind}, so every row would be rejected; "
-                f"write it as a UTF-8 string column, or name another with {flag}")
     return (f"has {flag} column {column!r} of type {kind}, not a string, so every row would be rejected; "
             f"name a string column with {flag}")
 

@@ -12,6 +12,7 @@ options travel to workers explicitly (constructor arguments), never through the 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -46,6 +47,40 @@ LANCE_RETRY_DEFAULTS = {"client_max_retries": "10"}
 _SECRET_KEY = re.compile(r"secret|token|password|credential|access_key_id|account_key|sas", re.IGNORECASE)
 REDACTED = "***"
 _S3_SCHEMES = ("s3", "s3a")
+# Loggers that print request headers at DEBUG, a session token among them: botocore's request signer
+# (the canonical request) and its endpoint (the request dict). Found by tests/jobs/test_secrets.py.
+_HEADER_LOGGERS = ("botocore.auth", "botocore.endpoint")
+MIN_SECRET = 6  # characters (see `StorageConfig.__post_init__`)
+
+
+class _SecretValues(logging.Filter):
+    """Replaces the credential values this process holds with "***" in the messages of `_HEADER_LOGGERS`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(v in message for v in self.values):
+            for v in self.values:
+                message = message.replace(v, REDACTED)
+            record.msg, record.args = message, ()
+        return True
+
+
+_SECRET_VALUES = _SecretValues()
+
+
+def _keep_out_of_logs(values: set[str]) -> None:
+    """Have `_SECRET_VALUES` redact `values` from now on (the filter is attached on first use, not at import)."""
+    if values <= _SECRET_VALUES.values:
+        return
+    _SECRET_VALUES.values |= values
+    for name in _HEADER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _SECRET_VALUES not in logger.filters:
+            logger.addFilter(_SECRET_VALUES)
 
 
 def parse_storage_options(pairs: list[str]) -> dict[str, str]:
@@ -90,6 +125,12 @@ class StorageConfig:
     """
 
     options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # botocore prints the session token of every request it logs at DEBUG: the credentials this config
+        # holds are redacted from those records (see `_HEADER_LOGGERS`). Values under MIN_SECRET characters are
+        # left alone: no real credential is that short, and redacting them would garble every record.
+        _keep_out_of_logs({v for k, v in self.options.items() if len(v) >= MIN_SECRET and _SECRET_KEY.search(k)})
 
     @classmethod
     def from_env(

@@ -79,7 +79,7 @@ def test_preflight_failures_name_the_fix_before_ray_starts(tmp_path):
         cases[name] = _job(inp, tmp_path / name / "db")
 
     case("integer_text", lambda d: pq.write_table(pa.table({"id": ["a"], "text": [7]}), d / "p.parquet"))
-    case("binary_text", lambda d: pq.write_table(pa.table({"id": ["a"], "text": [b"bytes"]}), d / "p.parquet"))
+    case("list_text", lambda d: pq.write_table(pa.table({"id": ["a"], "text": [["a", "list"]]}), d / "p.parquet"))
     case("empty_dir", lambda d: (d / "notes.txt").write_text("no parquet here"))
     case("zero_rows", lambda d: [pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
                                                 d / f"p{k}.parquet") for k in range(2)])
@@ -92,8 +92,9 @@ def test_preflight_failures_name_the_fix_before_ray_starts(tmp_path):
     want = {
         "integer_text": f"input file {tmp_path}/integer_text/in/p.parquet has --text-column column 'text' of type int64, "
                         "not a string, so every row would be rejected; name a string column with --text-column",
-        "binary_text": f"input file {tmp_path}/binary_text/in/p.parquet has --text-column column 'text' of type binary, so "
-                       "every row would be rejected; write it as a UTF-8 string column, or name another with --text-column",
+        "list_text": f"input file {tmp_path}/list_text/in/p.parquet has --text-column column 'text' of type "
+                     "list<element: string>, not a string, so every row would be rejected; name a string column with "
+                     "--text-column",
         "empty_dir": f"input {tmp_path}/empty_dir/in matches no Parquet files (*.parquet); check --input",
         "zero_rows": f"input {tmp_path}/zero_rows/in holds no rows: its 2 readable Parquet file(s) are empty; check --input",
         "first_file_corrupt": f"input file {tmp_path}/first_file_corrupt/in/p.parquet {BAD_MESSAGE['corrupt']}",

@@ -100,6 +100,29 @@ def test_loader_is_strict(tiny_jina_dir, tmp_path):
         load_encoder(str(no_weights), device="cpu")
 
 
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])  # the native trunk; transformers (model.st_encoder)
+def test_pickle_weights_are_refused_and_remote_code_never_runs(arch, tmp_path):
+    """Only safetensors are read: a directory whose weights are `pytorch_model.bin` alone is refused, naming
+    safetensors. A config's `auto_map` (remote code that would leave a marker file if run) is ignored: the
+    built-in architecture loads and the code never runs (trust_remote_code=True would import it)."""
+    from tiny_st import make_tiny_st
+
+    d = make_tiny_st(tmp_path / arch, arch)
+    marker = tmp_path / "remote-code-ran"
+    (d / "custom_modeling.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n", encoding="utf-8")
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_modeling.Config", "AutoModel": "custom_modeling.Model"}
+    (d / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    describe_model(str(d))
+    assert load_encoder(str(d), device="cpu").encode(TEXTS).shape == (2, 32)
+    assert not marker.exists()
+
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")  # the same bytes, under the pickle name
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights \(pickle checkpoints are not loaded\)"):
+        load_encoder(str(d), device="cpu")
+    assert not marker.exists()
+
+
 def test_cpu_kernel_caches_are_bounded_unless_the_user_set_them(monkeypatch):
     from model.loading import CPU_KERNEL_CACHE_ENTRIES, CPU_KERNEL_CACHE_VARS
 

@@ -135,3 +135,24 @@ def test_documents_the_table_holds_unchanged_are_not_tokenized(docs, tmp_path):
     assert same["content_hash"] == first[0]["content_hash"]
     assert changed["_status"] == "changed" and changed["_ids"] == first[1]["_ids"] and changed["_docs"] == 1
     assert {r["_status"] for i, r in by_id.items() if i not in (first[0]["id"], first[1]["id"])} == {"new"}
+
+
+def test_bytes_are_decoded_as_utf8_and_invalid_utf8_is_rejected(docs):
+    """Binary (and large_string) text and title columns give the units their string columns give; a binary
+    text or title value that is not UTF-8 is rejected as `invalid utf-8`."""
+    source = SourceConfig(input="unused", title_column="title", keep_columns=("lang",))
+    spec = PrepareSpec(source=source, chunking=MODES["none"], model=str(minilm_dir()), task=None, window=WINDOW)
+    want = prepare_batch(docs, spec).drop_columns(["_prepare_s", "_source_rows"]).to_pylist()
+    for kind in (pa.large_string(), pa.binary(), pa.large_binary()):
+        cast = docs
+        for name in ("text", "title"):
+            cast = cast.set_column(cast.schema.get_field_index(name), name, cast[name].cast(kind))
+        assert prepare_batch(cast, spec).drop_columns(["_prepare_s", "_source_rows"]).to_pylist() == want, kind
+
+    bad = pa.table({"id": ["ok", "bad-text", "bad-title", "blank"],
+                    "text": pa.array(["café au lait".encode(), b"\xff\xfe not utf-8", b"fine text", b"  "], pa.binary()),
+                    "title": pa.array([None, None, b"\xc3(", None], pa.large_binary()), "lang": ["a", "b", "c", "d"]})
+    units = prepare_batch(bad, spec)
+    assert units["_reject_reason"].to_pylist() == [None, "invalid utf-8", "invalid utf-8", "empty text"]
+    assert units["text"].to_pylist() == ["café au lait", None, "fine text", "  "]  # undecodable bytes are not kept
+    assert units["id"].to_pylist() == ["ok", "bad-text", "bad-title", "blank"]

@@ -96,8 +96,10 @@ def test_a_file_that_breaks_after_rows_were_passed_on_is_no_skippable_bad_file(t
     [
         (pa.array([1, 2]), "has --text-column column 'text' of type int64, not a string, so every row would be "
                            "rejected; name a string column with --text-column"),
-        (pa.array([b"a", b"b"]), "has --text-column column 'text' of type binary, so every row would be rejected; "
-                                 "write it as a UTF-8 string column, or name another with --text-column"),
+        (pa.array([1.5, 2.0]), "has --text-column column 'text' of type double, not a string, so every row would be "
+                               "rejected; name a string column with --text-column"),
+        (pa.array([["a"], ["b"]]), "has --text-column column 'text' of type list<element: string>, not a string, so "
+                                   "every row would be rejected; name a string column with --text-column"),
     ],
 )
 def test_a_text_column_that_is_no_string_is_refused_before_any_row(tmp_path, column, message):
@@ -105,6 +107,18 @@ def test_a_text_column_that_is_no_string_is_refused_before_any_row(tmp_path, col
     source = SourceConfig(input=str(tmp_path))
     with pytest.raises(read.BadFile, match=re.escape(message)):
         list(read._read_files([str(tmp_path / "x.parquet")], source.columns, StorageConfig(), read.column_roles(source)))
+
+
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string(), pa.binary(), pa.large_binary()])
+def test_text_and_title_columns_of_strings_or_bytes_are_usable(tmp_path, kind):
+    """Bytes pass the read as they are: the prepare stage decodes them row by row (invalid UTF-8 is a reject)."""
+    values = ["a", "é"] if pa.types.is_string(kind) or pa.types.is_large_string(kind) else [b"a", b"\xff"]
+    pq.write_table(pa.table({"id": ["a", "b"], "text": pa.array(values, kind), "title": pa.array(values, kind)}),
+                   tmp_path / "x.parquet")
+    source = SourceConfig(input=str(tmp_path), title_column="title")
+    blocks = list(read._read_files([str(tmp_path / "x.parquet")], source.columns, StorageConfig(),
+                                   read.column_roles(source)))
+    assert [b["text"].type for b in blocks] == [kind] and blocks[0]["text"].to_pylist() == values
 
 
 def test_integer_ids_are_usable(tmp_path):

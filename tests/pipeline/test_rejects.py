@@ -1,7 +1,9 @@
 """Every bad row gets a recorded answer: exact counts in the report, `<table>_rejected` and the data table.
 
 Real Ray and LanceDB, MiniLM. Duplicate ids are rejected after their first occurrence in (file, row)
-order, within one file and across files.
+order, within one file and across files. One file stores its text as bytes (a binary column): they are
+decoded as UTF-8 row by row, and a value that is not UTF-8 is rejected. A document longer than the model
+window is embedded truncated (chunking none) and counted.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ from pathlib import Path
 import lance
 import pyarrow as pa
 import pyarrow.parquet as pq
-from shared_data import minilm_dir, sts_sentences
+from shared_data import minilm_dir, qmsum_transcripts, sts_sentences
 
 from pipeline.config import EncodeConfig, JobConfig, SinkConfig, SourceConfig
 from pipeline.run import run_job
 from pipeline.sink import table_uri
 
 S = sts_sentences(12)
-FILES = {  # file -> [(id, text)]; reasons for the bad ones below
+LONG = qmsum_transcripts(limit=1)[0][:4000]  # ~900 tokens: over MiniLM's window, so embedded truncated
+FILES = {  # file -> [(id, text)]; reasons for the bad ones below; part-2's text column is binary
     "part-0.parquet": [("a", S[0]), ("b", S[1]), (None, S[2]), ("a", S[3]), ("c", "   "), ("d", S[4])],
     "part-1.parquet": [("b", S[5]), ("e", None), ("f", S[6]), ("f", S[7]), ("g", ""), ("h", S[8])],
+    "part-2.parquet": [("i", S[9].encode()), ("j", b"caf\xe9 in latin-1"), ("k", LONG.encode()), ("d", S[10].encode()),
+                       ("l", f"{S[11]} (naïve café)".encode())],
 }
 REJECTED = {  # (file, row) -> (id, reason)
     ("part-0.parquet", 2): (None, "missing id"),
@@ -31,15 +36,19 @@ REJECTED = {  # (file, row) -> (id, reason)
     ("part-1.parquet", 1): ("e", "missing text"),
     ("part-1.parquet", 3): ("f", "duplicate_id"),
     ("part-1.parquet", 4): ("g", "empty text"),
+    ("part-2.parquet", 1): ("j", "invalid utf-8"),
+    ("part-2.parquet", 3): ("d", "duplicate_id"),
 }
-EMBEDDED = {"a": S[0], "b": S[1], "d": S[4], "f": S[6], "h": S[8]}  # first occurrences only
+EMBEDDED = {"a": S[0], "b": S[1], "d": S[4], "f": S[6], "h": S[8],  # first occurrences only
+            "i": S[9], "k": LONG, "l": f"{S[11]} (naïve café)"}
 
 
 def write(root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
     for name, rows in FILES.items():
+        kind = pa.binary() if isinstance(rows[0][1], bytes) else pa.string()
         pq.write_table(pa.table({"id": pa.array([i for i, _ in rows], pa.string()),
-                                 "text": pa.array([t for _, t in rows], pa.string())}), root / name)
+                                 "text": pa.array([t for _, t in rows], kind)}), root / name)
     return str(root)
 
 
@@ -60,11 +69,16 @@ def test_bad_rows_and_duplicate_ids_are_counted_recorded_and_reconciled(ray_up, 
     report = run_job(cfg)
 
     data = lance.dataset(table_uri(db, "docs")).to_table()
-    assert dict(zip(data["id"].to_pylist(), data["text"].to_pylist(), strict=True)) == EMBEDDED
-    assert report["documents_read"] == sum(len(r) for r in FILES.values()) == 12
+    embedded = dict(zip(data["id"].to_pylist(), data["text"].to_pylist(), strict=True))
+    assert embedded.keys() == EMBEDDED.keys()
+    assert {i: t for i, t in embedded.items() if i != "k"} == {i: t for i, t in EMBEDDED.items() if i != "k"}
+    assert LONG.startswith(embedded["k"]) and len(embedded["k"]) < len(LONG)  # the chunk is the window's text
+    assert report["documents_read"] == sum(len(r) for r in FILES.values()) == 17
     assert report["documents_embedded"] == len(EMBEDDED) and report["documents_rejected"] == len(REJECTED)
     assert report["documents_read"] == report["documents_embedded"] + report["documents_rejected"]
-    assert report["rejected_by_reason"] == {"missing id": 1, "duplicate_id": 3, "empty text": 2, "missing text": 1}
+    assert report["rejected_by_reason"] == {"missing id": 1, "duplicate_id": 4, "empty text": 2, "missing text": 1,
+                                            "invalid utf-8": 1}
+    assert report["documents_truncated"] == 1  # LONG, and only it
     assert {(r["id"], r["reason"]) for r in report["rejected_sample"]} == set(REJECTED.values())
     assert report["rejected_table"] == "docs_rejected"
     got = rejected_rows(db)

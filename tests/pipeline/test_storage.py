@@ -83,6 +83,20 @@ def test_redacted_and_repr_hide_credentials():
         assert secret not in repr(cfg) and secret not in str(red)
 
 
+def test_credentials_are_redacted_from_botocores_request_logs(caplog):
+    """botocore logs request headers (the session token) at DEBUG; a config's credentials never show there."""
+    import logging
+
+    StorageConfig.from_env({"session_token": "tok-5f1c", "secret_access_key": "sec-77ab", "region": "eu-west-1"}, env={})
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("botocore.auth").debug("CanonicalRequest:\nx-amz-security-token:%s\nregion %s", "tok-5f1c", "eu-west-1")
+    logging.getLogger("botocore.endpoint").debug("headers: %r", {"X-Amz-Security-Token": b"tok-5f1c", "k": "sec-77ab"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "CanonicalRequest:\nx-amz-security-token:***\nregion eu-west-1",
+        "headers: {'X-Amz-Security-Token': b'***', 'k': '***'}",
+    ]
+
+
 def test_local_paths_use_default_filesystems(tmp_path):
     cfg = StorageConfig.from_env(env={})
     assert cfg.pyarrow_filesystem(str(tmp_path)) is None
