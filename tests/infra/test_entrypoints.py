@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from infra_files import ROOT, SUBMIT_SH, configmap_entries, manifests, rel
+from infra_files import ROOT, SUBMIT_SH, configmap_entries, manifests, rel, yaml_files
 
 from jobs.cli import OPTION_FIELDS, build_config, build_parser, merge_options
 from pipeline.config import flag_of
@@ -43,20 +43,25 @@ def check_job_command(argv: list[str], where: str, capsys: pytest.CaptureFixture
     try:
         args = build_parser().parse_args([subcommand, *argv[3:]])
     except SystemExit:
-        pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse: {capsys.readouterr().err.strip()}")
-    opts = merge_options(args)
-    # What main's cmd_<subcommand> pops before build_config: the subcommand's own options (--dry-run,
-    # --delete-missing, --partitions ...), which set no config field.
-    for name in [k for k in opts if k not in OPTION_FIELDS and k != "storage_option"]:
-        opts.pop(name)
+        pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse: {capsys.readouterr().err.strip().splitlines()[-1]}")
     try:
+        opts = merge_options(args)
+        # What main's cmd_<subcommand> pops before build_config: the subcommand's own options (--dry-run,
+        # --delete-missing, --partitions ...), which set no config field.
+        for name in [k for k in opts if k not in OPTION_FIELDS and k != "storage_option"]:
+            opts.pop(name)
         build_config(opts)
     except ValueError as err:
         pytest.fail(f"{where}: `{shlex.join(argv)}`: {err}")
 
 
-def rayjob_entrypoints() -> list[tuple[str, str]]:
-    return [(d.where, d.body["spec"]["entrypoint"]) for d in manifests() if d.kind == "RayJob"]
+KUBERAY_FILES = [p for p in yaml_files() if "kuberay" in p.parts]
+
+
+def rayjob_entrypoints(path: Path | None = None) -> list[tuple[str, str]]:
+    """(where, entrypoint) of every RayJob, also those embedded in a ConfigMap; of one file's if `path`."""
+    return [(d.where, d.body["spec"]["entrypoint"]) for d in manifests()
+            if d.kind == "RayJob" and (path is None or d.where.startswith(rel(path) + "#"))]
 
 
 def test_every_rayjob_entrypoint_is_found():
@@ -64,9 +69,10 @@ def test_every_rayjob_entrypoint_is_found():
     assert where == {"infra/kuberay/rayjob-embed.yaml#0", "infra/kuberay/cronjob-reembed.yaml#3 data.rayjob.yaml"}, where
 
 
-@pytest.mark.parametrize(("where", "entrypoint"), rayjob_entrypoints(), ids=[w for w, _ in rayjob_entrypoints()])
-def test_rayjob_entrypoint_builds_a_job_config(where: str, entrypoint: str, capsys):
-    check_job_command(shlex.split(entrypoint), where, capsys)
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=rel)
+def test_rayjob_entrypoints_build_a_job_config(path: Path, capsys):
+    for where, entrypoint in rayjob_entrypoints(path):
+        check_job_command(shlex.split(entrypoint), where, capsys)
 
 
 def submit_sh_arguments(*extra: str) -> list[str]:
