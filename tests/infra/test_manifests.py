@@ -261,6 +261,14 @@ def test_one_ray_version_in_image_manifests_and_pyproject():
     assert installed in ray.specifier, f"tests run on Ray {installed}, outside pyproject's {ray}: reinstall"
 
 
+def test_the_image_installs_the_jobs_api():
+    """`ray job submit` (and KubeRay's RayJob submitter) talk to the head's dashboard, which Ray's `default`
+    extra installs; a head without it starts with no Jobs API (tests/infra/test_ray_jobs.py starts one)."""
+    installs = re.findall(r'"ray\[([^\]]*)\]==\$\{RAY_VERSION\}"', DOCKERFILE.read_text())
+    assert len(installs) == 1, f"{rel(DOCKERFILE)}: expected one pip install of ray[...]==${{RAY_VERSION}}: {installs}"
+    assert {"data", "default"} <= {e.strip() for e in installs[0].split(",")}, installs
+
+
 def test_one_project_image_everywhere_and_built_as_documented():
     images = {f"{d.where} {c['name']}": c["image"] for d in manifests() for c in containers(d)
               if c["image"].rsplit(":", 1)[0] == IMAGE_REPOSITORY}
