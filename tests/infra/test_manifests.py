@@ -178,6 +178,8 @@ def test_runtime_envs_are_what_ray_accepts_and_hold_no_credentials():
         unknown = set(doc.body.get("config") or {}) - RuntimeEnvConfig.known_fields
         assert not unknown, f"{doc.where}: unknown runtime_env config keys {sorted(unknown)}"
         RuntimeEnv(**doc.body)  # types: env_vars Dict[str, str], ...
+        if "working_dir" in doc.body:  # relative to the repo root, where submit.sh runs `ray job submit`
+            assert (ROOT / doc.body["working_dir"] / "jobs").is_dir(), f"{doc.where}: working_dir holds no jobs/"
         secret = [k for k in doc.body.get("env_vars") or {} if re.search(r"(^|_)(SECRET|TOKEN|PASSWORD|ACCESS_KEY)(_|$)", k)]
         assert not secret, f"{doc.where}: credentials in a runtime env are visible in `ray job list`: {secret}"
 
