@@ -73,10 +73,10 @@ def embedded(doc: Doc) -> Iterator[Doc]:
         yield Doc(f"{doc.where} {key}", yaml.safe_load(text), carrier=doc.kind)
 
 
-def documents() -> list[Doc]:
-    """Every YAML document under infra/, and every document embedded in one (recursively)."""
+def documents(paths: list[Path] | None = None) -> list[Doc]:
+    """Every YAML document under infra/ (or in `paths`), and every document embedded in one (recursively)."""
     out: list[Doc] = []
-    pending = [d for path in yaml_files() for d in file_documents(path)]
+    pending = [d for path in (yaml_files() if paths is None else paths) for d in file_documents(path)]
     while pending:
         doc = pending.pop(0)
         out.append(doc)

@@ -21,7 +21,6 @@ from infra_files import (
     containers,
     dockerfile_arg,
     documents,
-    embedded,
     file_documents,
     manifests,
     pod_templates,
@@ -40,16 +39,6 @@ CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 IMAGE_REPOSITORY = "registry.example.com/embedlake"  # the project's image (infra/docker/Dockerfile)
 
 
-def _files_docs(path: Path) -> list[Doc]:
-    """A file's documents and, recursively, those embedded in them."""
-    out, pending = [], file_documents(path)
-    while pending:
-        doc = pending.pop(0)
-        out.append(doc)
-        pending.extend(embedded(doc))
-    return out
-
-
 def test_infra_has_the_manifests_these_tests_cover():
     names = {rel(p) for p in yaml_files()}
     assert {"infra/kuberay/rayjob-embed.yaml", "infra/kuberay/raycluster.yaml",
@@ -58,7 +47,7 @@ def test_infra_has_the_manifests_these_tests_cover():
 
 @pytest.mark.parametrize("path", yaml_files(), ids=rel)
 def test_yaml_parses_to_mappings(path: Path):
-    docs = _files_docs(path)
+    docs = documents([path])
     assert docs, f"{rel(path)}: no YAML document"
     for doc in docs:
         assert isinstance(doc.body, dict), f"{doc.where}: expected a mapping, got {type(doc.body).__name__}"
@@ -68,7 +57,7 @@ def test_yaml_parses_to_mappings(path: Path):
 def test_kubernetes_objects_validate_against_the_schema(path: Path):
     """Standard objects as they are; KubeRay resources by their pod templates (a PodTemplateSpec each)."""
     problems, checked = [], 0
-    for doc in _files_docs(path):
+    for doc in documents([path]):
         if not doc.is_manifest:
             continue
         if doc.is_kuberay:
