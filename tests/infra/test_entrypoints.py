@@ -14,11 +14,13 @@ import importlib.util
 import os
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from infra_files import ROOT, SUBMIT_SH, configmap_entries, manifests, rel, yaml_files
+from infra_files import ROOT, SUBMIT_SH, configmap_entries, containers, manifests, rel, yaml_files
 
 from jobs.cli import OPTION_FIELDS, build_config, build_parser, merge_options
 from pipeline.config import flag_of
@@ -56,23 +58,54 @@ def check_job_command(argv: list[str], where: str, capsys: pytest.CaptureFixture
 
 
 KUBERAY_FILES = [p for p in yaml_files() if "kuberay" in p.parts]
+JOB_COMMAND = "python -m jobs."
 
 
-def rayjob_entrypoints(path: Path | None = None) -> list[tuple[str, str]]:
-    """(where, entrypoint) of every RayJob, also those embedded in a ConfigMap; of one file's if `path`."""
-    return [(d.where, d.body["spec"]["entrypoint"]) for d in manifests()
-            if d.kind == "RayJob" and (path is None or d.where.startswith(rel(path) + "#"))]
+def strings(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(path, text) of every string in a parsed manifest, except the texts `documents()` parses as embedded
+    manifests (ConfigMap data, runtimeEnvYAML): those are walked as documents of their own."""
+    if isinstance(node, str):
+        yield path, node
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from strings(item, f"{path}[{i}]")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key not in ("data", "runtimeEnvYAML"):
+                yield from strings(value, f"{path}.{key}" if path else str(key))
 
 
-def test_every_rayjob_entrypoint_is_found():
-    where = {w for w, _ in rayjob_entrypoints()}
-    assert where == {"infra/kuberay/rayjob-embed.yaml#0", "infra/kuberay/cronjob-reembed.yaml#3 data.rayjob.yaml"}, where
+def job_commands(path: Path | None = None) -> list[tuple[str, list[str]]]:
+    """(where, argv) of every `python -m jobs.X ...` in the manifests (of one file's, if `path`): a string that
+    is the command (a RayJob's entrypoint) or a container's command + args."""
+    found = []
+    for doc in manifests():
+        if path is not None and not doc.where.startswith(rel(path) + "#"):
+            continue
+        found += [(f"{doc.where} {where}", shlex.split(text)) for where, text in strings(doc.body)
+                  if text.startswith(JOB_COMMAND)]
+        for c in containers(doc):
+            argv = [*(c.get("command") or []), *(c.get("args") or [])]
+            if argv[:2] == ["python", "-m"]:
+                found.append((f"{doc.where} container {c['name']}", argv))
+    return found
+
+
+def test_every_job_command_is_found_and_none_escapes():
+    assert {where for where, _ in job_commands()} == {
+        "infra/kuberay/rayjob-embed.yaml#0 spec.entrypoint",
+        "infra/kuberay/cronjob-reembed.yaml#3 data.rayjob.yaml spec.entrypoint",
+    }
+    # A job command inside a shell script, say, would not be checked: make it a command of its own.
+    hidden = [(d.where, where) for d in manifests() for where, text in strings(d.body)
+              if "-m jobs." in text and not text.startswith(JOB_COMMAND)]
+    assert not hidden, f"job commands this test cannot check: {hidden}"
 
 
 @pytest.mark.parametrize("path", KUBERAY_FILES, ids=rel)
-def test_rayjob_entrypoints_build_a_job_config(path: Path, capsys):
-    for where, entrypoint in rayjob_entrypoints(path):
-        check_job_command(shlex.split(entrypoint), where, capsys)
+def test_job_commands_build_a_job_config(path: Path, capsys):
+    for where, argv in job_commands(path):
+        check_job_command(argv, where, capsys)
 
 
 def submit_sh_arguments(*extra: str) -> list[str]:
