@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: help install demo test lint bench clean
 
+# Every target has a "##" comment, so help lists it (tests/infra/test_makefile.py checks).
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[A-Za-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
