@@ -447,8 +447,10 @@ def bench_incremental(model: str, docs: int, actors: int, precision: str, memory
             return texts
 
         def job(name: str, table: str) -> list[str]:
+            # Windows of 1/16 of the corpus: what a kill can cost, and where "at 50%" can stop.
             return ["--input", str(Path(tmp) / name), "--output", str(Path(tmp) / "db"), "--table", table,
-                    "--model", model, "--precision", precision, "--actors", str(actors)]
+                    "--model", model, "--precision", precision, "--actors", str(actors),
+                    "--commit-every-rows", str(max(500, docs // 16))]
 
         corpus(docs, "main")
         full = _cli(["embed", *job("main", "t")])
@@ -459,7 +461,8 @@ def bench_incremental(model: str, docs: int, actors: int, precision: str, memory
 
         def half_done() -> bool:
             try:
-                return lance.dataset(uri).count_rows() >= docs // 2
+                ds = lance.dataset(uri)
+                return ds.metadata.get("state") == "running" and ds.count_rows() >= docs // 2
             except (OSError, ValueError):
                 return False
 
