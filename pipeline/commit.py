@@ -147,7 +147,7 @@ class CommitSummary:
     documents: dict[str, int] = field(default_factory=dict)  # new / changed / unchanged -> documents
     replaced_rows: int = 0  # old chunk rows the windows removed
     deleted_documents: int = 0  # documents gone from the source, removed (`--delete-missing`)
-    missing_kept: int = 0  # documents gone from the source, counted and kept
+    missing_kept: int = 0  # documents gone from the source, counted and kept (set by the job)
     stats: dict[str, int | float] = field(default_factory=dict)  # sums of the internal `_x` columns
     tallies: dict[str, dict[str, int]] = field(default_factory=dict)  # string `_x` columns: value -> rows
 
@@ -260,7 +260,7 @@ class LanceCommitter:
         self._last_commit_t = 0.0
         self.resume: Resume | None = None
         self.rows_received = self.rows_committed = self.fragments_committed = self.replaced_rows = 0
-        self.deleted_documents = self.missing_kept = 0
+        self.deleted_documents = 0
         self.versions: list[int] = []
         self.rejected: dict[str, int] = {}
         self.reject_sample: list[dict] = []
@@ -527,8 +527,7 @@ class LanceCommitter:
             version=version, rows_committed=self.rows_committed, fragments_committed=self.fragments_committed,
             commits=len(self.versions), versions=tuple(self.versions), resume=self.resume,
             rejected=dict(self.rejected), reject_sample=list(self.reject_sample), documents=dict(self.documents),
-            replaced_rows=self.replaced_rows, deleted_documents=self.deleted_documents,
-            missing_kept=self.missing_kept, stats=dict(self.stats),
+            replaced_rows=self.replaced_rows, deleted_documents=self.deleted_documents, stats=dict(self.stats),
             tallies={k: dict(v) for k, v in self.tallies.items()},
         )
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from model import EncoderInfo, ModelDescription, TextTokenizer, describe_model
-from pipeline.commit import LanceCommitter, Mode, Resume, commit_skipped_files, staging_url
+from pipeline.commit import CommitSummary, LanceCommitter, Mode, Resume, commit_skipped_files, staging_url
 from pipeline.config import JobConfig
 from pipeline.dedup import index_source_ids, remove_ids
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
@@ -246,12 +246,14 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
                                  concurrency=min(job.prepare_tasks, len(files)), run_id=cfg.run_id, skipped=skipped)
     # A skipped file's documents would look gone from the source: never delete on their account.
     may_delete = not skipped_files(skipped)
-    if mode == "reembed" and lookup is not None:
-        _reconcile_missing(job, files, lookup, committer, delete=delete_missing and may_delete, skipped=skipped)
-    if parts is not None and lookup is not None:  # the selected partitions' rows follow the source exactly
-        _reconcile_missing(job, files, lookup, committer, delete=may_delete, where=parts.predicate, skipped=skipped)
+    if mode == "reembed" and lookup is not None and delete_missing and may_delete:
+        _reconcile_missing(job, files, lookup, committer, skipped=skipped)
+    if parts is not None and lookup is not None and may_delete:  # the partitions' rows follow the source
+        _reconcile_missing(job, files, lookup, committer, where=parts.predicate, skipped=skipped)
     summary = write_dataset(build_dataset(job, files, lookup, ids_index, parts, skipped), committer,
                             writer_num_cpus=LIGHT_TASK_CPUS)
+    if mode == "reembed" and lookup is not None and not (delete_missing and may_delete):
+        summary = dataclasses.replace(summary, missing_kept=_missing_count(lookup, summary))
     remove_ids(ids_uri, job.storage)
     commit_skipped_files(committer.rejected_uri, job.storage, cfg.run_id, skipped_files(skipped))
     if not committer.staged:
@@ -281,19 +283,25 @@ def _lookup(uri: str, resume: Resume, storage: StorageConfig, run_id: str) -> Lo
     return LookupSpec(uri, version, tuple(sorted(storage.lance_options().items())), run_id)
 
 
+def _missing_count(lookup: LookupSpec, summary: CommitSummary) -> int:
+    """Documents the table held that the source no longer has, counted without a join: every id the
+    table holds once (the committer's invariant), every source id once (later ones are rejected as
+    duplicates), so the table's documents less those the run found unchanged or changed are missing."""
+    ds = lance.dataset(lookup.uri, version=lookup.version, storage_options=dict(lookup.storage_options))
+    found = summary.documents.get("unchanged", 0) + summary.documents.get("changed", 0)
+    return ds.count_rows(filter="chunk = 0") - found
+
+
 def _reconcile_missing(job: ResolvedJob, files: list[str], lookup: LookupSpec, committer: LanceCommitter,
-                       *, delete: bool, where: str | None = None, skipped: ray.actor.ActorHandle | None = None) -> None:
-    """Count (and with `delete`, remove in windows) the table's documents that the source lost."""
+                       *, where: str | None = None, skipped: ray.actor.ActorHandle | None = None) -> None:
+    """Delete, in windows, the table's documents that the source lost (a join of ids: see `missing_ids`)."""
     src = job.cfg.source
     ids = ParquetShards(files, (src.id_column,), job.storage, roles=column_roles(src), skipped=skipped)
     source_ids = ray.data.read_datasource(ids, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(files)).map_batches(
         lambda t: pa.table({"id": t[src.id_column].cast(pa.string())}), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     missing = missing_ids(lookup, source_ids, partitions=max(1, len(files) // 8), where=where)
     for batch in missing.iter_batches(batch_format="pyarrow", batch_size=job.cfg.sink.commit_every_rows):
-        if delete:
-            committer.delete_documents(batch["id"].to_pylist())
-        else:
-            committer.missing_kept += batch.num_rows
+        committer.delete_documents(batch["id"].to_pylist())
 
 
 def describe_job(job: ResolvedJob, mode: str) -> dict:
