@@ -39,6 +39,7 @@ FIRST_CHUNK = "_first_chunk"  # int32 chunk index of the unit's first span
 DOC_CHUNKS = "_doc_chunks"  # int32 chunks of the unit's document (0 if rejected): how many rows make it whole
 SOURCE_ROWS = "_source_rows"  # stat: the footer row counts of the files a batch started (pipeline.read)
 REJECT = "_reject_reason"  # null = accepted; otherwise why the row was not embedded
+UNCHANGED_DOCS = "_unchanged_docs"  # stat: documents the table holds as they are (see `_Units.unchanged`)
 STATUS = "_status"  # new | changed | unchanged against the table the run resumes or updates (pipeline.diff)
 INVALID_UTF8 = "invalid utf-8"  # the reject reason of a binary text or title value that is not UTF-8
 
@@ -139,11 +140,13 @@ class _Units:
         STATUS: pa.string(),
         "_docs": pa.int64(),  # 1 on a document's first unit: sums to the documents embedded
         "_truncated": pa.int64(),
+        UNCHANGED_DOCS: pa.int64(),
     }
 
     def __init__(self) -> None:
         self.columns: dict[str, list] = {name: [] for name in self.TYPES}
         self.rows: list[int] = []  # each unit's row in the input batch
+        self._unchanged_at: int | None = None  # the row counting this batch's unchanged documents
 
     def add(self, doc: _Doc, ids: list[int], spans: Sequence[CharSpan], *, tspans: list[int] | None = None,
             first_chunk: int = 0, doc_chunks: int | None = None, truncated: int = 0) -> None:
@@ -152,14 +155,22 @@ class _Units:
             "id": doc.id, "text": doc.text, "content_hash": doc.content_hash, IDS: ids,
             CHAR_SPANS: [x for span in spans for x in span], TOKEN_SPANS: tspans or [],
             FIRST_CHUNK: first_chunk, DOC_CHUNKS: len(spans) if doc_chunks is None else doc_chunks, REJECT: None,
-            STATUS: doc.status, "_docs": int(first_chunk == 0), "_truncated": truncated,
+            STATUS: doc.status, "_docs": int(first_chunk == 0), "_truncated": truncated, UNCHANGED_DOCS: 0,
         })
 
     def unchanged(self, doc: _Doc) -> None:
-        """A document the table already holds as it is: passed on to be counted, never tokenized or embedded."""
+        """A document the table already holds as it is: never tokenized or embedded, only counted. A
+        batch's unchanged documents share ONE row (the first's, `UNCHANGED_DOCS` = how many), so the
+        encoder's batches are made of documents to embed (measured: one row each cost a 10%-changed
+        re-embed 40% of its encoder throughput, 13.6k against 22.7k tokens/s)."""
+        if self._unchanged_at is not None:
+            self.columns[UNCHANGED_DOCS][self._unchanged_at] += 1
+            return
+        self._unchanged_at = len(self.rows)
         self._append(doc.row, {
             "id": doc.id, "text": None, "content_hash": doc.content_hash, IDS: [], CHAR_SPANS: [], TOKEN_SPANS: [],
             FIRST_CHUNK: 0, DOC_CHUNKS: 0, REJECT: None, STATUS: UNCHANGED, "_docs": 0, "_truncated": 0,
+            UNCHANGED_DOCS: 1,
         })
 
     def reject(self, row: int, doc_id, text, reason: str) -> None:
@@ -167,7 +178,7 @@ class _Units:
         self._append(row, {
             "id": None if doc_id is None else str(doc_id), "text": text,
             "content_hash": None if text is None else content_hash(text), IDS: [], CHAR_SPANS: [], TOKEN_SPANS: [],
-            FIRST_CHUNK: 0, DOC_CHUNKS: 0, REJECT: reason, STATUS: None, "_docs": 0, "_truncated": 0,
+            FIRST_CHUNK: 0, DOC_CHUNKS: 0, REJECT: reason, STATUS: None, "_docs": 0, "_truncated": 0, UNCHANGED_DOCS: 0,
         })
 
     def _append(self, row: int, values: dict[str, object]) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
-from pipeline.prepare import DOC_CHUNKS, REJECT, STATUS
+from pipeline.prepare import DOC_CHUNKS, REJECT, STATUS, UNCHANGED_DOCS
 from pipeline.read import SOURCE_FILE, SOURCE_ROW
 
 if TYPE_CHECKING:
@@ -124,6 +124,20 @@ def _split_edges(written: pa.Table) -> dict[str, list[int]]:
     return {g["id"]: [g["id_count"], g[f"{DOC_CHUNKS}_max"]] for g in grouped if g["id_count"] < g[f"{DOC_CHUNKS}_max"]}
 
 
+def _documents(batch: pa.Table, firsts: pa.Table) -> dict[str, int]:
+    """Documents by status: new and changed by their first chunk rows; unchanged ones by the prepare
+    stage's count (`UNCHANGED_DOCS`, one row stands for a batch of them), else by their rows."""
+    if STATUS not in batch.column_names:
+        return {"new": firsts.num_rows}
+    counts = _value_counts(pc.fill_null(firsts[STATUS], "new"))
+    if UNCHANGED_DOCS in batch.column_names:
+        counts.pop("unchanged", None)
+        unchanged = int(pc.sum(batch[UNCHANGED_DOCS]).as_py() or 0)
+        if unchanged:
+            counts["unchanged"] = unchanged
+    return counts
+
+
 class FragmentWriter:
     """Ray `map_batches` callable: write a batch's chunk rows as uncommitted Lance fragments.
 
@@ -184,14 +198,14 @@ class FragmentWriter:
             "reject_sample": pa.array([json.dumps([
                 {"id": i, "reason": r} for i, r in zip(sample["id"].to_pylist(), sample[REJECT].to_pylist(), strict=True)
             ] if REJECT in names else [])]),
-            "documents": pa.array([json.dumps(_value_counts(pc.fill_null(firsts[STATUS], "new"))
-                                              if STATUS in names else {"new": firsts.num_rows})]),
+            "documents": pa.array([json.dumps(_documents(batch, firsts))]),
             "replace": pa.array([json.dumps(changed["id"].to_pylist())]),
             "edges": pa.array([json.dumps(_split_edges(accepted))]),
             **self._write_rejected(rejected),
         }
         for name in batch.column_names:
-            if name.startswith(INTERNAL_PREFIX) and name not in (REJECT, STATUS, DOC_CHUNKS, SOURCE_FILE, SOURCE_ROW):
+            if name.startswith(INTERNAL_PREFIX) and name not in (REJECT, STATUS, DOC_CHUNKS, SOURCE_FILE, SOURCE_ROW,
+                                                                  UNCHANGED_DOCS):
                 summed = _numeric_sum(batch[name])
                 if summed is not None:
                     out[name] = pa.array([summed[1]], summed[0])

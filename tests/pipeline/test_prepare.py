@@ -49,6 +49,7 @@ def _unit(doc_id, text, lang, ids, spans, **extra) -> dict:
     row = {"id": doc_id, "text": text, "content_hash": content_hash(text), "_ids": [int(i) for i in ids],
            "_char_spans": [x for span in spans for x in span], "_token_spans": [], "_first_chunk": 0,
            "_doc_chunks": len(spans), "_reject_reason": None, "_status": "new", "_docs": 1, "_truncated": 0,
+           "_unchanged_docs": 0,
            "lang": lang}
     return row | extra
 
@@ -62,6 +63,7 @@ def _expected(docs: pa.Table, mode: str, tok) -> list[dict]:
             out.append({"id": r["id"], "text": text, "content_hash": None if text is None else content_hash(text), "_ids": [],
                         "_char_spans": [], "_token_spans": [], "_first_chunk": 0, "_doc_chunks": 0,
                         "_reject_reason": BAD[pos][2], "_status": None, "_docs": 0, "_truncated": 0,
+                        "_unchanged_docs": 0,
                         "lang": r["lang"]})
             continue
         text = f"{r['title']} {r['text']}" if r["title"] else r["text"]
@@ -114,8 +116,9 @@ def test_no_rows_no_units(tok):
 
 
 def test_documents_the_table_holds_unchanged_are_not_tokenized(docs, tmp_path):
-    """With a lookup, a document whose id and hash the table holds becomes one `unchanged` row (no tokens);
-    one whose hash differs is `changed` and fully prepared."""
+    """With a lookup, documents whose id and hash the table holds are not tokenized: the batch's
+    unchanged documents become ONE `unchanged` row that counts them; one whose hash differs is
+    `changed` and fully prepared."""
     import lance
 
     from pipeline.diff import LookupSpec
@@ -123,18 +126,22 @@ def test_documents_the_table_holds_unchanged_are_not_tokenized(docs, tmp_path):
     source = SourceConfig(input="unused", title_column="title", keep_columns=("lang",))
     spec = PrepareSpec(source=source, chunking=MODES["late"], model=str(minilm_dir()), task=None, window=WINDOW)
     fresh = prepare_batch(docs, spec).filter(pa.compute.is_null(pa.compute.field("_reject_reason")))
-    first = fresh.slice(0, 2).to_pylist()
-    table = pa.table({"id": [first[0]["id"], first[1]["id"], first[1]["id"]], "chunk": pa.array([0, 0, 1], pa.int32()),
-                      "content_hash": [first[0]["content_hash"], "an older hash", "an older hash"]})
+    first = fresh.slice(0, 3).to_pylist()
+    table = pa.table({"id": [first[0]["id"], first[1]["id"], first[1]["id"], first[2]["id"]],
+                      "chunk": pa.array([0, 0, 1, 0], pa.int32()),
+                      "content_hash": [first[0]["content_hash"], "an older hash", "an older hash", first[2]["content_hash"]]})
     uri = str(tmp_path / "t.lance")
     version = lance.write_dataset(table, uri).version
     units = prepare_batch(docs, dataclasses.replace(spec, lookup=LookupSpec(uri, version))).drop_columns(["_prepare_s", "_source_rows"])
-    by_id = {r["id"]: r for r in units.to_pylist() if r["_reject_reason"] is None}
-    same, changed = by_id[first[0]["id"]], by_id[first[1]["id"]]
-    assert same["_status"] == "unchanged" and same["_ids"] == [] and same["text"] is None and same["_docs"] == 0
-    assert same["content_hash"] == first[0]["content_hash"]
+    accepted = [r for r in units.to_pylist() if r["_reject_reason"] is None]
+    (same,) = [r for r in accepted if r["_status"] == "unchanged"]
+    assert same["id"] == first[0]["id"] and same["_unchanged_docs"] == 2  # first[0] and first[2], one row
+    assert same["_ids"] == [] and same["text"] is None and same["_docs"] == 0
+    assert first[2]["id"] not in {r["id"] for r in accepted}
+    (changed,) = [r for r in accepted if r["id"] == first[1]["id"]]
     assert changed["_status"] == "changed" and changed["_ids"] == first[1]["_ids"] and changed["_docs"] == 1
-    assert {r["_status"] for i, r in by_id.items() if i not in (first[0]["id"], first[1]["id"])} == {"new"}
+    others = {r["_status"] for r in accepted if r["id"] not in (first[0]["id"], first[1]["id"])}
+    assert others == {"new"} and sum(r["_docs"] for r in accepted) == len(fresh) - 2
 
 
 def test_bytes_are_decoded_as_utf8_and_invalid_utf8_is_rejected(docs):
