@@ -480,7 +480,7 @@ def bench_incremental(model: str, docs: int, actors: int, precision: str, memory
                          "fraction_of_full": round(run["wall_s"] / full["wall_s"], 3), "target": f"<= {target}",
                          "killed_after_s": killed["wall_s"] if "kill" in name else "",
                          "driver_peak_mb": run.get("driver_peak_mb", "")})
-        for factor in (1, 4, 16):
+        for factor in (1, 4, 16) if memory_base else ():  # --incremental-memory-base 0 skips these rows
             n = memory_base * factor
             corpus(n, f"m{factor}")
             _cli(["embed", *job(f"m{factor}", f"m{factor}")])
