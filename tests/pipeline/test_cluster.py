@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lancedb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -45,7 +46,13 @@ def own_ray(spread_over_actors) -> Iterator[None]:
 
 
 def _job(tmp_path, texts, make_shards, write_shards) -> JobConfig:
-    write_shards(tmp_path / "in", make_shards(texts, shards=4))
+    # Row groups of one actor call (8 documents): every shard becomes two read blocks, so bundles reach
+    # the pool in pairs and the second goes to the other actor while the first is busy. With one block
+    # per shard, prepare tasks slower than the encoder (each looks its ids up in Lance) let one actor
+    # take every bundle (seen once in a full run).
+    (tmp_path / "in").mkdir(parents=True, exist_ok=True)
+    for k, shard in enumerate(make_shards(texts, shards=4)):
+        pq.write_table(shard, tmp_path / "in" / f"part-{k}.parquet", row_group_size=8)
     return JobConfig(
         source=SourceConfig(input=str(tmp_path / "in"), keep_columns=("n",)),
         # actors=None: resolve() decides (one per GPU). sort_window: documents per actor call.
