@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 from lance import LanceOperation
 from lance.fragment import FragmentMetadata, write_fragments
 
-from pipeline.lance_commit import commit_once, retry_conflicts, retry_io
-from pipeline.sink import INTERNAL_PREFIX, open_existing
+from pipeline.lance_commit import commit_once, open_existing, retry_conflicts, retry_io
+from pipeline.sink import INTERNAL_PREFIX
 from pipeline.storage import StorageConfig, url_path
 from pipeline.table_meta import TableMetadata
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from lance import LanceOperation
 from lance.fragment import FragmentMetadata, write_fragments
 
-from pipeline.diff import LookupSpec, has_id_index
+from pipeline.diff import LookupSpec, has_id_index, opened
 from pipeline.lance_commit import commit_once, retry_io
 from pipeline.read import SOURCE_FILE, SOURCE_ROW, ParquetShards
 from pipeline.storage import StorageConfig, url_path
@@ -76,16 +76,11 @@ def remove_ids(uri: str, storage: StorageConfig) -> None:
         fs.rm(url_path(uri), recursive=True)
 
 
-_OPEN: dict[LookupSpec, lance.LanceDataset] = {}  # one per worker process
-
-
 def duplicates(spec: LookupSpec, ids: list[str], files: list[str], rows: list[int]) -> list[bool]:
     """For each (id, file, row): is there an occurrence of the id at an earlier (file, row)?"""
     if not ids:
         return []
-    if spec not in _OPEN:
-        _OPEN[spec] = lance.dataset(spec.uri, version=spec.version, storage_options=dict(spec.storage_options))
-    found = _OPEN[spec].to_table(columns=["id", "file", "row"], filter=pc.field("id").isin(sorted(set(ids))))
+    found = opened(spec).to_table(columns=["id", "file", "row"], filter=pc.field("id").isin(sorted(set(ids))))
     first: dict[str, tuple[str, int]] = {}
     for i, f, r in zip(found["id"].to_pylist(), found["file"].to_pylist(), found["row"].to_pylist(), strict=True):
         if i not in first or (f, r) < first[i]:

@@ -42,13 +42,18 @@ class LookupSpec:
 _OPEN: dict[LookupSpec, lance.LanceDataset] = {}  # one per worker process: Ray reuses workers
 
 
+def opened(spec: LookupSpec) -> lance.LanceDataset:
+    """The dataset version `spec` names, opened once per worker process."""
+    if spec not in _OPEN:
+        _OPEN[spec] = lance.dataset(spec.uri, version=spec.version, storage_options=dict(spec.storage_options))
+    return _OPEN[spec]
+
+
 def previous_hashes(spec: LookupSpec, ids: list[str]) -> dict[str, str]:
     """id -> content_hash in the table version, for those of `ids` it holds."""
     if not ids:
         return {}
-    if spec not in _OPEN:
-        _OPEN[spec] = lance.dataset(spec.uri, version=spec.version, storage_options=dict(spec.storage_options))
-    found = _OPEN[spec].to_table(columns=["id", "content_hash"],
+    found = opened(spec).to_table(columns=["id", "content_hash"],
                                  filter=pc.field("id").isin(ids) & (pc.field("chunk") == 0))
     return dict(zip(found["id"].to_pylist(), found["content_hash"].to_pylist(), strict=True))
 

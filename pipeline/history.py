@@ -33,7 +33,8 @@ import lance
 from lance import LanceOperation
 
 from pipeline.commit import PROPERTY_PREFIX, run_tag
-from pipeline.sink import open_existing, table_uri
+from pipeline.lance_commit import open_existing
+from pipeline.sink import table_uri
 from pipeline.storage import StorageConfig
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ committer, the duplicate-id index, the id index) uses the same two rules without
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import lance
@@ -54,11 +54,23 @@ def commit_once(uri: str, tx: lance.Transaction, storage_options: dict[str, str]
     raise AssertionError("unreachable")
 
 
+def open_existing(uri: str, storage_options: Mapping[str, str], version: int | None = None) -> lance.LanceDataset | None:
+    """The dataset at `uri`, or None when there is none (any other failure is raised)."""
+    try:
+        return lance.dataset(uri, version=version, storage_options=dict(storage_options))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        # pylance 14 reports a missing dataset as ValueError("Dataset at path ... was not found: ...").
+        if "not found" in str(e).lower():
+            return None
+        raise
+
+
 def _landed(uri: str, tx: lance.Transaction, storage_options: dict[str, str]) -> lance.LanceDataset | None:
     """The version `tx` made, if it made one (a dataset's first commit may not have landed at all)."""
-    try:
-        latest = lance.dataset(uri, storage_options=storage_options)
-    except (FileNotFoundError, ValueError):  # pylance 14 says "not found" with a ValueError
+    latest = open_existing(uri, storage_options)
+    if latest is None:
         return None
     for v in range(tx.read_version + 1, latest.version + 1):
         made = latest.read_transaction(v)

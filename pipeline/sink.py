@@ -21,11 +21,11 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
+from pipeline.lance_commit import open_existing
 from pipeline.prepare import DOC_CHUNKS, REJECT, STATUS, UNCHANGED_DOCS
 from pipeline.read import SOURCE_FILE, SOURCE_ROW
 
@@ -51,19 +51,6 @@ def table_uri(db: str, table: str) -> str:
     if not _TABLE_NAME.match(table):
         raise ValueError(f"invalid table name {table!r}: use letters, digits, '_', '-' and '.'")
     return f"{db.rstrip('/')}/{table}.lance"
-
-
-def open_existing(uri: str, storage_options: Mapping[str, str], version: int | None = None) -> lance.LanceDataset | None:
-    """The dataset at `uri`, or None when there is none (any other failure is raised)."""
-    try:
-        return lance.dataset(uri, version=version, storage_options=dict(storage_options))
-    except FileNotFoundError:
-        return None
-    except ValueError as e:
-        # pylance 14 reports a missing dataset as ValueError("Dataset at path ... was not found: ...").
-        if "not found" in str(e).lower():
-            return None
-        raise
 
 
 def read_table_metadata(uri: str, storage_options: Mapping[str, str]):
