@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from infra_files import ROOT, RUNTIME_ENV
+from infra_files import ROOT, RUNTIME_ENV, documents
 from shared_data import minilm_dir, sts_sentences
 
 pytestmark = pytest.mark.slow
@@ -213,3 +214,60 @@ def test_a_job_with_a_bad_input_fails_with_one_clear_line_and_leaves_no_table(cl
     assert len(errors) == 1 and str(missing) in errors[0], logs[-4000:]
     assert "Traceback" not in logs, logs[-4000:]
     assert not db.exists() or not any(db.iterdir()), sorted(db.rglob("*"))
+
+
+def scheduled_reembed() -> tuple[list[str], dict[str, str]]:
+    """The nightly re-embed exactly as kuberay/cronjob-reembed.yaml schedules it: the RayJob template's
+    entrypoint (argv) and the env vars of its runtimeEnvYAML."""
+    (template,) = [d.body for d in documents() if d.carrier == "ConfigMap" and d.kind == "RayJob"]
+    env = yaml.safe_load(template["spec"]["runtimeEnvYAML"]).get("env_vars", {})
+    return shlex.split(template["spec"]["entrypoint"]), env
+
+
+def with_values(argv: list[str], values: dict[str, str]) -> list[str]:
+    """argv with the values of the flags in `values` replaced; each flag must be there, once."""
+    out = list(argv)
+    for flag, value in values.items():
+        assert out.count(flag) == 1, f"{flag} appears {out.count(flag)} times in {argv}"
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def test_the_scheduled_reembed_command_on_an_unchanged_corpus_embeds_nothing(client, tmp_path):
+    """The CronJob's own command, with only where-to-read, where-to-write and the model's location changed
+    (the template's are an S3 bucket and a path inside the image). Everything else is verbatim: the task, the
+    Matryoshka dims 1024,256,64, sentence chunking with late chunking, --delete-missing, --index. The model
+    is a tiny random jina-v3 of hidden size 1024, so those dims and that task exist as in the real one."""
+    import lancedb
+    from tiny_jina import make_tiny_jina
+
+    argv, env_vars = scheduled_reembed()
+    assert argv[:3] == ["python", "-m", "jobs.reembed"] and "--delete-missing" in argv, argv
+    corpus, db = tmp_path / "corpus", tmp_path / "db"
+    corpus.mkdir()
+    texts = [" ".join(sts_sentences(60)[i:i + 3]) for i in range(0, 60, 3)]  # 20 documents of 3 sentences
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(20)], "text": texts}), corpus / "part-0.parquet")
+    model = make_tiny_jina(tmp_path / "jina-embeddings-v3", hidden=1024, layers=1, heads=16, intermediate=64)
+    scheduled = with_values(argv, {"--input": str(corpus), "--output": str(db), "--model": str(model)})
+    env = runtime_env(tmp_path)
+    env["env_vars"] = {**env["env_vars"], **env_vars}
+
+    # The table the schedule keeps up to date: made once by `embed` with the same settings.
+    first = ["python", "-m", "jobs.embed", *(a for a in scheduled[3:] if a != "--delete-missing")]
+    status, logs = wait_for(client, client.submit_job(entrypoint=shlex.join(first), runtime_env=env))
+    assert status == "SUCCEEDED", logs[-4000:]
+    table = lancedb.connect(str(db)).open_table("docs")
+    rows, version = table.count_rows(), table.version
+    assert {"vector_1024", "vector_256", "vector_64"} <= set(table.schema.names)
+
+    submission_id = f"reembed-docs-{uuid.uuid4().hex[:8]}"
+    status, logs = wait_for(client, client.submit_job(entrypoint=shlex.join(scheduled), runtime_env=env,
+                                                      submission_id=submission_id))
+    assert status == "SUCCEEDED", logs[-4000:]
+    (report,) = [r for p in (db / "docs.reports").glob("*.json") if (r := json.loads(p.read_text()))["kind"] == "reembed"]
+    assert report["documents_unchanged"] == 20, report
+    assert report["documents_embedded"] == report["chunks_written"] == report["tokens"] == 0, report
+    assert report["documents_deleted"] == report["documents_rejected"] == 0, report
+    table = lancedb.connect(str(db)).open_table("docs")
+    assert table.count_rows() == rows
+    assert table.version > version  # the run's metadata commit: the table says when it was last checked
