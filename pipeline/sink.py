@@ -276,6 +276,11 @@ def write_dataset(
 # --------------------------------------------------------------------------------------------------
 
 
+def is_multivector(kind: pa.DataType) -> bool:
+    """LanceDB's multivector layout: a list of fixed-size vectors per row (late-interaction token vectors)."""
+    return pa.types.is_list(kind) and pa.types.is_fixed_size_list(kind.value_type)
+
+
 def _index_config(kind: IndexType, rows: int, dims: int, distance_type: str) -> Any:
     from lancedb.index import HnswSq, IvfFlat, IvfPq
 
@@ -320,14 +325,21 @@ def build_vector_indexes(
     if rows == 0:
         raise ValueError(f"table {table!r} is empty; there is nothing to train an index on")
     schema = tbl.schema
-    vector_columns = [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
+    vector_columns = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) or is_multivector(f.type)]
     for column in columns:
         if column not in vector_columns:
             raise ValueError(
                 f"{column!r} is not a vector column of {table!r}; vector columns: {vector_columns}"
             )
-        dims = schema.field(column).type.list_size
-        tbl.create_index(column, config=_index_config(index_type, rows, dims, distance_type), replace=True)
+        kind = schema.field(column).type
+        if is_multivector(kind):
+            # Lance indexes a multivector column's token vectors, and only under the cosine metric (it refuses
+            # others); a search then over-fetches per query vector and rescores candidates by MaxSim.
+            vectors = int(pc.sum(pc.list_value_length(tbl.to_lance().to_table(columns=[column])[column])).as_py() or 0)
+            config = _index_config(index_type, vectors, kind.value_type.list_size, "cosine")
+        else:
+            config = _index_config(index_type, rows, kind.list_size, distance_type)
+        tbl.create_index(column, config=config, replace=True)
     built = {idx.columns[0]: idx.index_type for idx in tbl.list_indices() if len(idx.columns) == 1}
     missing = [c for c in columns if c not in built]
     if missing:

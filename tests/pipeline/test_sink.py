@@ -263,3 +263,18 @@ def test_write_dataset_to_s3_and_read_back_with_lancedb(ray_local, moto_s3):
     assert tbl.count_rows() == 594
     assert tbl.to_arrow().sort_by("id").equals(accepted(rows))
     assert read_table_metadata(uri, options) == complete()
+
+
+def test_a_multivector_column_is_indexed_under_cosine_and_found_by_its_own_tokens(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.normal(size=(rng.integers(3, 9), 128)).astype(np.float32) for _ in range(40)]
+    docs = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in docs]
+    column = pa.array([d.tolist() for d in docs], pa.list_(pa.list_(pa.float16(), 128)))
+    db = str(tmp_path)
+    lancedb.connect(db).create_table("mv", pa.table({"id": [f"d{i}" for i in range(40)], "multivector_128": column}))
+    # The table's own distance setting does not reach a multivector column: Lance indexes those under cosine only.
+    assert build_vector_indexes(db, "mv", ["multivector_128"], {}, distance_type="l2") == {"multivector_128": "IvfFlat"}
+    tbl = lancedb.connect(db).open_table("mv")
+    for i in (0, 17, 39):
+        hit = tbl.search(docs[i][:2], vector_column_name="multivector_128").limit(1).to_list()
+        assert hit[0]["id"] == f"d{i}"
