@@ -100,6 +100,9 @@ class SourceConfig:
     id_column: str = "id"
     text_column: str = "text"
     title_column: str | None = None  # when set, the embedded text is title + " " + text
+    # image bytes, or paths/URLs of images (read through fsspec with the job's storage options); a row with an
+    # image and no text is an image document, one with both becomes a text row and an image row (`modality`)
+    image_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     # skip: a file that cannot be read, or lacks the job's columns, is left out and listed in the report
     on_bad_file: BadFilePolicy = "fail"
@@ -112,6 +115,8 @@ class SourceConfig:
         cols = [self.id_column, self.text_column]
         if self.title_column:
             cols.append(self.title_column)
+        if self.image_column:
+            cols.append(self.image_column)
         return cols + [c for c in self.keep_columns if c not in cols]
 
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,9 @@ from model.tokenization import CharSpan
 from pipeline.config import ChunkingConfig, SourceConfig
 from pipeline.dedup import DUPLICATE, duplicates
 from pipeline.diff import UNCHANGED, LookupSpec, statuses
+from pipeline.images import Fetch, image_bytes
 from pipeline.read import FILE_ROWS, SOURCE_FILE, SOURCE_ROW
+from pipeline.storage import StorageConfig
 
 # Internal columns (prefix "_") travel with the rows and are summed or dropped by the writer.
 IDS = "_ids"  # list<int32> model input token ids of the unit
@@ -42,6 +45,8 @@ REJECT = "_reject_reason"  # null = accepted; otherwise why the row was not embe
 UNCHANGED_DOCS = "_unchanged_docs"  # stat: documents the table holds as they are (see `_Units.unchanged`)
 STATUS = "_status"  # new | changed | unchanged against the table the run resumes or updates (pipeline.diff)
 INVALID_UTF8 = "invalid utf-8"  # the reject reason of a binary text or title value that is not UTF-8
+MODALITY = "modality"  # stored, in tables with an --image-column: "text" or "image", which a row's vectors embed
+IMAGE = "_image"  # binary: an image unit's encoded image (pipeline.images), decoded by the encoder actor
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class PrepareSpec:
     window: int  # tokens per model window (model maximum or --max-length)
     storage_options: tuple[tuple[str, str], ...] = ()
     revision: str | None = None  # the driver's content hash: workers need not hash the weights again
+    image_storage: StorageConfig | None = None  # reads an --image-column's paths/URLs (the job's storage options)
     # The driver's tokenizer in Ray's object store: workers then import neither torch nor
     # transformers (seconds of CPU per worker, taken from the encoder beside them on small nodes).
     tokenizer_ref: object | None = None
@@ -81,8 +87,13 @@ def _tokenizer(spec: PrepareSpec) -> TextTokenizer:
     return _TOKENIZERS[key]
 
 
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def content_hash(text: str, image: bytes | None = None) -> str:
+    """What decides whether a document changed: its text, and its image's bytes when it has one."""
+    h = hashlib.sha256(text.encode("utf-8"))
+    if image is not None:
+        h.update(b"\0image\0")
+        h.update(image)
+    return h.hexdigest()
 
 
 def embedded_text(text: str, title: str | None) -> str:
@@ -122,6 +133,7 @@ class _Doc:
     text: str
     content_hash: str
     status: str | None = None  # pipeline.diff: new or changed (unchanged documents become no unit)
+    image: bytes | None = None  # an image document's encoded image (text "" when it has no text)
 
 
 class _Units:
@@ -143,8 +155,11 @@ class _Units:
         UNCHANGED_DOCS: pa.int64(),
     }
 
-    def __init__(self) -> None:
-        self.columns: dict[str, list] = {name: [] for name in self.TYPES}
+    IMAGE_TYPES = {MODALITY: pa.string(), IMAGE: pa.binary()}  # with an --image-column only
+
+    def __init__(self, images: bool = False) -> None:
+        self.types = {**self.TYPES, **(self.IMAGE_TYPES if images else {})}
+        self.columns: dict[str, list] = {name: [] for name in self.types}
         self.rows: list[int] = []  # each unit's row in the input batch
         self._unchanged_at: int | None = None  # the row counting this batch's unchanged documents
 
@@ -156,7 +171,22 @@ class _Units:
             CHAR_SPANS: [x for span in spans for x in span], TOKEN_SPANS: tspans or [],
             FIRST_CHUNK: first_chunk, DOC_CHUNKS: len(spans) if doc_chunks is None else doc_chunks, REJECT: None,
             STATUS: doc.status, "_docs": int(first_chunk == 0), "_truncated": truncated, UNCHANGED_DOCS: 0,
+            MODALITY: "text", IMAGE: None,
         })
+
+    def add_image(self, doc: _Doc, first_chunk: int) -> None:
+        """The image row of `doc`, after its `first_chunk` text chunks (0 for an image document)."""
+        self._append(doc.row, {
+            "id": doc.id, "text": "", "content_hash": doc.content_hash, IDS: [], CHAR_SPANS: [0, 0], TOKEN_SPANS: [],
+            FIRST_CHUNK: first_chunk, DOC_CHUNKS: first_chunk + 1, REJECT: None, STATUS: doc.status,
+            "_docs": int(first_chunk == 0), "_truncated": 0, UNCHANGED_DOCS: 0, MODALITY: "image", IMAGE: doc.image,
+        })
+
+    def count_images(self, rows: set[int]) -> None:
+        """Documents of these input rows have an image row too: their text units count it in `DOC_CHUNKS`."""
+        for i, (row, modality) in enumerate(zip(self.rows, self.columns[MODALITY], strict=True)):
+            if row in rows and modality == "text" and self.columns[REJECT][i] is None:
+                self.columns[DOC_CHUNKS][i] += 1
 
     def unchanged(self, doc: _Doc) -> None:
         """A document the table already holds as it is: never tokenized or embedded, only counted. A
@@ -170,7 +200,7 @@ class _Units:
         self._append(doc.row, {
             "id": doc.id, "text": None, "content_hash": doc.content_hash, IDS: [], CHAR_SPANS: [], TOKEN_SPANS: [],
             FIRST_CHUNK: 0, DOC_CHUNKS: 0, REJECT: None, STATUS: UNCHANGED, "_docs": 0, "_truncated": 0,
-            UNCHANGED_DOCS: 1,
+            UNCHANGED_DOCS: 1, MODALITY: None, IMAGE: None,
         })
 
     def reject(self, row: int, doc_id, text, reason: str) -> None:
@@ -179,6 +209,7 @@ class _Units:
             "id": None if doc_id is None else str(doc_id), "text": text,
             "content_hash": None if text is None else content_hash(text), IDS: [], CHAR_SPANS: [], TOKEN_SPANS: [],
             FIRST_CHUNK: 0, DOC_CHUNKS: 0, REJECT: reason, STATUS: None, "_docs": 0, "_truncated": 0, UNCHANGED_DOCS: 0,
+            MODALITY: None, IMAGE: None,
         })
 
     def _append(self, row: int, values: dict[str, object]) -> None:
@@ -188,7 +219,7 @@ class _Units:
 
     def table(self, kept: dict[str, pa.ChunkedArray]) -> pa.Table:
         order = np.argsort(np.asarray(self.rows, dtype=np.int64), kind="stable")  # a document's units stay in order
-        out = {name: pa.array(self.columns[name], t).take(order) for name, t in self.TYPES.items()}
+        out = {name: pa.array(self.columns[name], t).take(order) for name, t in self.types.items()}
         rows = pa.array(np.asarray(self.rows, dtype=np.int64)[order])
         for name, col in kept.items():
             out[name] = col.take(rows)
@@ -239,26 +270,69 @@ def _units_for(ch: ChunkingConfig) -> UnitBuilder:
     return _late_units if ch.late else _naive_units
 
 
+def _image_document(doc_id, text, title, image, fetch: Fetch) -> tuple[str | None, str, bytes | None]:
+    """(reject reason, embedded text, image bytes) of a row of a source with an --image-column.
+
+    A row without an image follows the text rules. With one, the image must be readable and decode whole
+    (else the row is rejected, text and all: a document is embedded whole or not at all); missing or blank
+    text then makes it an image document.
+    """
+    if image is None or doc_id is None:
+        reason = _reject_reason(doc_id, text, title)
+        if reason is not None:
+            return ("missing text and image" if reason == "missing text" else reason), "", None
+        return None, embedded_text(text, title), None
+    data, reason = image_bytes(image, fetch)
+    if reason is not None:
+        return reason, "", None
+    if isinstance(text, bytes) or isinstance(title, bytes):
+        return INVALID_UTF8, "", None
+    if text is not None and not isinstance(text, str):
+        return f"text is {type(text).__name__}, not a string", "", None
+    return None, embedded_text(text, title) if text and text.strip() else "", data
+
+
+def fetcher(storage: StorageConfig | None) -> Fetch:
+    """Reads an image path or URL with the job's storage options (one filesystem per scheme and worker)."""
+    storage = storage or StorageConfig()
+    filesystems: dict[str, object] = {}
+
+    def fetch(url: str) -> bytes:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme not in filesystems:
+            filesystems[scheme] = storage.fsspec_filesystem(url)
+        return filesystems[scheme].cat_file(url)
+
+    return fetch
+
+
 def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingConfig, tokenizer: TextTokenizer,
-                  task: str | None, lookup: LookupSpec | None = None, ids_index: LookupSpec | None = None) -> pa.Table:
+                  task: str | None, lookup: LookupSpec | None = None, ids_index: LookupSpec | None = None,
+                  fetch: Fetch | None = None) -> pa.Table:
     """Documents -> units, one row per unit in input order, kept and provenance columns along; no timing column.
 
     `tokenizer` truncates at the job's window. The dry-run estimate (`pipeline.plan`) calls this too,
     so its token counts are the stage's own. With `lookup`, documents the table holds unchanged cost
     only their hash; with `ids_index` (`pipeline.dedup`), later occurrences of an id are rejected.
+    With an `--image-column`, `fetch` reads its paths/URLs, and a document's image is a unit after its text's.
     """
     ids = batch.column(source.id_column).to_pylist()
     texts = batch.column(source.text_column).to_pylist()
     titles = batch.column(source.title_column).to_pylist() if source.title_column else [None] * len(texts)
-    units, docs = _Units(), []
+    images = batch.column(source.image_column).to_pylist() if source.image_column else None
+    fetch = fetch or fetcher(None)
+    units, docs = _Units(images=images is not None), []
     for row, (doc_id, raw_text, raw_title) in enumerate(zip(ids, texts, titles, strict=True)):
         text, title = _decoded(raw_text), _decoded(raw_title)
-        reason = _reject_reason(doc_id, text, title)
+        if images is not None:
+            reason, embedded, image = _image_document(doc_id, text, title, images[row], fetch)
+        else:
+            reason, image = _reject_reason(doc_id, text, title), None
+            embedded = None if reason else embedded_text(text, title)
         if reason is not None:
             units.reject(row, doc_id, text, reason)
             continue
-        embedded = embedded_text(text, title)
-        docs.append(_Doc(row, str(doc_id), embedded, content_hash(embedded)))
+        docs.append(_Doc(row, str(doc_id), embedded, content_hash(embedded, image), image=image))
     if ids_index is not None:
         rows = [d.row for d in docs]
         files, positions = batch[SOURCE_FILE].take(rows).to_pylist(), batch[SOURCE_ROW].take(rows).to_pylist()
@@ -271,7 +345,15 @@ def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingCo
     for d in docs:
         if d.status == UNCHANGED:
             units.unchanged(d)
-    _units_for(chunking)([d for d in docs if d.status != UNCHANGED], tokenizer, tokenizer.prefix(task), chunking, units)
+    todo = [d for d in docs if d.status != UNCHANGED]
+    _units_for(chunking)([d for d in todo if d.text], tokenizer, tokenizer.prefix(task), chunking, units)
+    if images is not None:
+        chunks: Counter[int] = Counter()  # text chunks per input row: the image row's chunk number
+        for r, m, spans in zip(units.rows, units.columns[MODALITY], units.columns[CHAR_SPANS], strict=True):
+            chunks[r] += len(spans) // 2 if m == "text" else 0
+        for d in (d for d in todo if d.image is not None):
+            units.add_image(d, first_chunk=chunks[d.row])
+        units.count_images({d.row for d in todo if d.image is not None and d.text})
     carried = [*source.keep_columns, *(c for c in (SOURCE_FILE, SOURCE_ROW) if c in batch.column_names)]
     return units.table({c: batch.column(c) for c in carried})
 
@@ -280,7 +362,7 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
     """The stage: `prepare_units` with the worker's tokenizer, and its time on the first row (`_prepare_s`)."""
     t0 = time.perf_counter()
     out = prepare_units(batch, source=spec.source, chunking=spec.chunking, tokenizer=_tokenizer(spec), task=spec.task,
-                        lookup=spec.lookup, ids_index=spec.ids_index)
+                        lookup=spec.lookup, ids_index=spec.ids_index, fetch=fetcher(spec.image_storage))
     seconds, source_rows = np.zeros(out.num_rows), np.zeros(out.num_rows, np.int64)
     if out.num_rows:
         seconds[0] = time.perf_counter() - t0

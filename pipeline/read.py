@@ -113,10 +113,13 @@ def column_roles(source: SourceConfig) -> dict[str, str]:
     roles = {source.id_column: "--id-column", source.text_column: "--text-column"}
     if source.title_column:
         roles[source.title_column] = "--title-column"
+    if source.image_column:
+        roles[source.image_column] = "--image-column"
     return roles
 
 
-# Text and title column types: strings, or bytes the prepare stage decodes as UTF-8 row by row.
+# Text and title column types: strings, or bytes the prepare stage decodes as UTF-8 row by row. An image column
+# holds encoded images (binary) or where to read them (strings).
 _TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
 
 
@@ -128,6 +131,9 @@ def _type_problem(column: str, kind: pa.DataType, flag: str) -> str | None:
         return f"has id column {column!r} of type {kind}; ids must be strings or integers: name another with {flag}"
     if any(is_type(kind) for is_type in _TEXT_TYPES):
         return None
+    if flag == "--image-column":
+        return (f"has image column {column!r} of type {kind}; images must be bytes (binary) or paths/URLs (string): "
+                f"name another with {flag}")
     return (f"has {flag} column {column!r} of type {kind}, not a string, so every row would be rejected; "
             f"name a string column with {flag}")
 

@@ -163,3 +163,63 @@ def test_bytes_are_decoded_as_utf8_and_invalid_utf8_is_rejected(docs):
     assert units["_reject_reason"].to_pylist() == [None, "invalid utf-8", "invalid utf-8", "empty text"]
     assert units["text"].to_pylist() == ["café au lait", None, "fine text", "  "]  # undecodable bytes are not kept
     assert units["id"].to_pylist() == ["ok", "bad-text", "bad-title", "blank"]
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (28, 56, 3), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_image_rows_text_rows_and_rows_with_both(mode, tok, tmp_path):
+    """An image alone is an image document; text and image make text chunk rows then one image row, all counting
+    in the document's `_doc_chunks`; a bad image rejects its row, text and all (issue #15)."""
+    from pipeline.prepare import prepare_units
+
+    png = _png(0)
+    (tmp_path / "b.png").write_bytes(_png(1))
+    text = " ".join(sts_sentences(3))
+    batch = pa.table({
+        "id": ["text-only", "image-only", "both", "bad-image", "neither", "blank-text-image"],
+        "text": [text, None, text, text, None, "  "],
+        "image": [None, png, png, b"GIF89a-nope", None, png],
+    })
+    paths = pa.table({"id": ["path", "missing"], "text": [None, None],
+                      "image": [str(tmp_path / "b.png"), str(tmp_path / "missing.png")]})  # a string column
+    source = SourceConfig(input="unused", image_column="image")
+    units = [u for b in (batch, paths) for u in prepare_units(b, source=source, chunking=MODES[mode], tokenizer=tok,
+                                                               task=None).to_pylist()]
+
+    by_id: dict[str, list[dict]] = {}
+    for u in units:
+        by_id.setdefault(u["id"], []).append(u)
+    text_chunks = sum(len(u["_char_spans"]) // 2 for u in by_id["text-only"])
+    assert {u["modality"] for u in by_id["text-only"]} == {"text"}
+    assert all(u["_doc_chunks"] == text_chunks for u in by_id["text-only"])
+    assert by_id["text-only"][0]["content_hash"] == content_hash(text)
+
+    for doc in ("image-only", "path", "blank-text-image"):
+        (unit,) = by_id[doc]
+        assert (unit["modality"], unit["_first_chunk"], unit["_doc_chunks"], unit["_docs"]) == ("image", 0, 1, 1)
+        assert unit["_ids"] == [] and unit["text"] == "" and unit["_reject_reason"] is None
+    assert by_id["path"][0]["_image"] == _png(1) and by_id["image-only"][0]["_image"] == png
+
+    *texts, image = by_id["both"]
+    assert [u["modality"] for u in texts] == ["text"] * len(texts) and image["modality"] == "image"
+    assert sum(len(u["_char_spans"]) // 2 for u in texts) == text_chunks
+    assert all(u["_doc_chunks"] == text_chunks + 1 for u in [*texts, image])
+    assert image["_first_chunk"] == text_chunks and image["_docs"] == 0 and texts[0]["_docs"] == 1
+    assert image["content_hash"] == content_hash(text, png) != content_hash(text)
+
+    (bad,) = by_id["bad-image"]
+    assert bad["_reject_reason"] == "undecodable image: not a PNG, JPEG or WebP file"
+    (neither,) = by_id["neither"]
+    assert neither["_reject_reason"] == "missing text and image"
+    (missing,) = by_id["missing"]
+    assert missing["_reject_reason"].startswith(f"unreadable image {tmp_path / 'missing.png'}: FileNotFoundError")
