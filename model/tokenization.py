@@ -38,7 +38,7 @@ class TextTokenizer:
         tokenizer: Tokenizer,
         *,
         max_length: int,
-        instructions: Mapping[str, str] | None = None,
+        instructions: Mapping[str | tuple[str, str], str] | None = None,
         lowercase: bool = False,
     ):
         self.max_length = max_length
@@ -64,8 +64,11 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._full.token_to_id(token)
 
-    def prefix(self, task: str | None) -> str:
-        return self.instructions.get(task, "") if task else ""
+    def prefix(self, task: str | None, prompt: str | None = None) -> str:
+        """The text put before an input: per task (jina-v3), or per (task, prompt) (jina-v4)."""
+        if not task:
+            return ""
+        return self.instructions.get((task, prompt) if prompt else task, "")
 
     def _prepare(self, text: str, prefix: str) -> str:
         if not isinstance(text, str):
