@@ -339,3 +339,29 @@ def flops_per_token(cfg: JinaV4Config, seq_len: int) -> float:
     d, f = cfg.hidden_size, cfg.intermediate_size
     d_kv = cfg.num_key_value_heads * cfg.head_dim
     return cfg.num_hidden_layers * (4 * d * d + 4 * d * d_kv + 6 * d * f + 2 * seq_len * d)
+
+
+def vision_flops(cfg: JinaV4Config, grid_thw: tuple[int, int, int]) -> float:
+    """Vision tower forward FLOPs for one image of `grid_thw` patches, in the same style: per patch and
+    block qkv 6·d², proj 2·d², SwiGLU 6·d·f; attention 4·d per (query, key) pair, over the whole image
+    in the full-attention blocks and within each window elsewhere (windows of `window_size` pixels tile
+    the merged grid from the top left, the last row and column of windows cut short); the patch
+    embedding 2·(3·T·P·P)·d per patch; the merger's two linears per merged token. Norms, RoPE, GELU and
+    biases are ignored."""
+    v = cfg.vision
+    d, f, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
+    patch, temporal, merge = v.get("patch_size", 14), v.get("temporal_patch_size", 2), cfg.spatial_merge_size
+    t, h, w = grid_thw
+    patches, merged = t * h * w, t * h * w // merge**2
+    side = v.get("window_size", 112) // (patch * merge)  # window side in merged tokens
+
+    def cuts(n: int) -> list[int]:
+        return [side] * (n // side) + ([n % side] if n % side else [])
+
+    window_pairs = t * sum((rh * rw * merge**2) ** 2 for rh in cuts(h // merge) for rw in cuts(w // merge))
+    full_blocks = len(v.get("fullatt_block_indexes", ()))
+    attention = 4 * d * (full_blocks * patches**2 + (depth - full_blocks) * window_pairs)
+    dense = depth * patches * (8 * d * d + 6 * d * f)
+    embed = 2 * patches * 3 * temporal * patch * patch * d
+    merger = merged * (2 * (merge**2 * d) ** 2 + 2 * merge**2 * d * v["out_hidden_size"])
+    return float(attention + dense + embed + merger)

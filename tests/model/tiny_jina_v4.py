@@ -46,6 +46,12 @@ MIN_PIXELS, MAX_PIXELS = 3136, 602112
 
 TEXT = dict(hidden=64, heads=4, kv_heads=2, layers=3, intermediate=128, mrope_section=[2, 3, 3], rope_theta=10000.0)
 VISION = dict(depth=2, hidden=32, heads=2, intermediate=64, fullatt=[1], window=112)
+# The published shape (spec §7.1), for speed measurements (infra/gpu-check.sh): random weights measure the
+# same as the real ones. The vocabulary stays small: it only sizes the embedding table.
+PUBLISHED_TEXT = dict(hidden=2048, heads=16, kv_heads=2, layers=36, intermediate=11008, mrope_section=[16, 24, 24],
+                      rope_theta=1000000.0)
+PUBLISHED_VISION = dict(depth=32, hidden=1280, heads=16, intermediate=3420, fullatt=[7, 15, 23, 31], window=112)
+PUBLISHED_LORA = (32, 32)
 
 # Qwen2's pre-tokenizer split (the published tokenizer.json's Split regex).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -134,8 +140,7 @@ def matryoshka_dims(hidden: int) -> list[int]:
     return [hidden // 16, hidden // 8, hidden // 4, hidden // 2, hidden]
 
 
-def make_config() -> dict:
-    t, v = TEXT, VISION
+def make_config(t: dict = TEXT, v: dict = VISION) -> dict:
     rope = {"mrope_section": t["mrope_section"], "rope_type": "default", "type": "default"}
     text_common = {
         "attention_dropout": 0.0, "bos_token_id": TOKEN_ID["<|endoftext|>"], "eos_token_id": TOKEN_ID["<|im_end|>"],
@@ -217,20 +222,20 @@ def _randn(g: torch.Generator, *shape: int, std: float) -> torch.Tensor:
     return (torch.randn(*shape, generator=g, dtype=torch.float32) * std).contiguous()
 
 
-def main_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """Published main keys (spec §7.2), float32; ~1/sqrt(fan_in) keeps activations O(1)."""
+def main_state_dict(seed: int, t: dict = TEXT, v: dict = VISION, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Published main keys (spec §7.2), each tensor cast to `dtype` as made (the published shape would need
+    15 GB in float32); ~1/sqrt(fan_in) keeps activations O(1)."""
     g = torch.Generator().manual_seed(seed)
-    t, v = TEXT, VISION
     d, hd = t["hidden"], t["hidden"] // t["heads"]
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _randn(g, VOCAB_SIZE, d, std=0.5)}
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _randn(g, VOCAB_SIZE, d, std=0.5).to(dtype)}
 
     def linear(name: str, out_f: int, in_f: int, *, bias: bool, std: float | None = None) -> None:
-        sd[f"{name}.weight"] = _randn(g, out_f, in_f, std=std or in_f**-0.5)
+        sd[f"{name}.weight"] = _randn(g, out_f, in_f, std=std or in_f**-0.5).to(dtype)
         if bias:
-            sd[f"{name}.bias"] = _randn(g, out_f, std=0.1)
+            sd[f"{name}.bias"] = _randn(g, out_f, std=0.1).to(dtype)
 
     def norm(name: str, size: int) -> None:
-        sd[f"{name}.weight"] = 1.0 + _randn(g, size, std=0.1)
+        sd[f"{name}.weight"] = (1.0 + _randn(g, size, std=0.1)).to(dtype)
 
     for i in range(t["layers"]):
         p = f"model.layers.{i}."
@@ -247,7 +252,7 @@ def main_state_dict(seed: int) -> dict[str, torch.Tensor]:
     norm("model.norm", d)
 
     vd, merged = v["hidden"], v["hidden"] * 4
-    sd["visual.patch_embed.proj.weight"] = _randn(g, vd, 3, 2, 14, 14, std=(3 * 2 * 14 * 14) ** -0.5)
+    sd["visual.patch_embed.proj.weight"] = _randn(g, vd, 3, 2, 14, 14, std=(3 * 2 * 14 * 14) ** -0.5).to(dtype)
     for i in range(v["depth"]):
         p = f"visual.blocks.{i}."
         norm(p + "norm1", vd)
@@ -264,10 +269,9 @@ def main_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-def adapter_state_dict(seed: int) -> dict[str, torch.Tensor]:
+def adapter_state_dict(seed: int, t: dict = TEXT, rank: int = LORA_RANK) -> dict[str, torch.Tensor]:
     """Published adapter keys (spec §7.2): A (r, in), B (out, r) per task; no vision keys."""
     g = torch.Generator().manual_seed(seed + 1)
-    t = TEXT
     d, hd = t["hidden"], t["hidden"] // t["heads"]
     shapes = {  # module -> (in, out)
         "self_attn.q_proj": (d, t["heads"] * hd), "self_attn.k_proj": (d, t["kv_heads"] * hd),
@@ -281,13 +285,13 @@ def adapter_state_dict(seed: int) -> dict[str, torch.Tensor]:
     sd = {}
     for name, (in_f, out_f) in modules.items():
         for task in TASKS:
-            sd[f"{name}.lora_A.{task}.weight"] = _randn(g, LORA_RANK, in_f, std=in_f**-0.5)
-            sd[f"{name}.lora_B.{task}.weight"] = _randn(g, out_f, LORA_RANK, std=0.15)
+            sd[f"{name}.lora_A.{task}.weight"] = _randn(g, rank, in_f, std=in_f**-0.5)
+            sd[f"{name}.lora_B.{task}.weight"] = _randn(g, out_f, rank, std=0.15)
     return sd
 
 
-def expected_main_keys() -> int:
-    return 1 + 12 * TEXT["layers"] + 1 + 1 + 12 * VISION["depth"] + 5 + 2
+def expected_main_keys(t: dict = TEXT, v: dict = VISION) -> int:
+    return 1 + 12 * t["layers"] + 1 + 1 + 12 * v["depth"] + 5 + 2
 
 
 def _shard_of(key: str) -> int:
@@ -299,28 +303,36 @@ def _shard_of(key: str) -> int:
     return 2
 
 
-def build(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a tiny random jina-embeddings-v4 checkpoint directory at ``path``; return ``path``."""
+def build(path: str | Path, *, seed: int = 0, published_shape: bool = False) -> Path:
+    """Write a tiny random jina-embeddings-v4 checkpoint directory at ``path``; return ``path``.
+
+    `published_shape`: the real model's layer sizes (36 x 2048 text, 32 x 1280 vision, r=32 adapters),
+    random weights and the small vocabulary, for speed measurements (about 7 GB on disk).
+    """
     path = Path(path)
+    t, v = (PUBLISHED_TEXT, PUBLISHED_VISION) if published_shape else (TEXT, VISION)
+    rank, alpha = PUBLISHED_LORA if published_shape else (LORA_RANK, LORA_ALPHA)
     (path / "adapters").mkdir(parents=True, exist_ok=True)
     _write_tokenizer(path)
-    (path / "config.json").write_text(json.dumps(make_config(), indent=2), encoding="utf-8")
+    (path / "config.json").write_text(json.dumps(make_config(t, v), indent=2), encoding="utf-8")
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2), encoding="utf-8")
 
-    sd = main_state_dict(seed)
-    assert len(sd) == expected_main_keys(), (len(sd), expected_main_keys())
+    sd = main_state_dict(seed, t, v)
+    assert len(sd) == expected_main_keys(t, v), (len(sd), expected_main_keys(t, v))
     names = {1: "model-00001-of-00002.safetensors", 2: "model-00002-of-00002.safetensors"}
     shards: dict[int, dict[str, torch.Tensor]] = {1: {}, 2: {}}
     for key, tensor in sd.items():
-        shards[_shard_of(key)][key] = tensor.to(torch.bfloat16)
+        shards[_shard_of(key)][key] = tensor
     for i, shard in shards.items():
         save_file(shard, str(path / names[i]), metadata={"format": "pt"})
     index = {
-        "metadata": {"total_size": sum(t.numel() * 2 for t in sd.values())},
+        "metadata": {"total_size": sum(x.numel() * x.element_size() for x in sd.values())},
         "weight_map": {k: names[i] for i, shard in shards.items() for k in sorted(shard)},
     }
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
-    (path / "adapters" / "adapter_config.json").write_text(json.dumps(adapter_config(), indent=2), encoding="utf-8")
-    save_file(adapter_state_dict(seed), str(path / "adapters" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    acfg = {**adapter_config(), "r": rank, "lora_alpha": alpha}
+    (path / "adapters" / "adapter_config.json").write_text(json.dumps(acfg, indent=2), encoding="utf-8")
+    save_file(adapter_state_dict(seed, t, rank), str(path / "adapters" / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
     return path
