@@ -48,6 +48,8 @@ def test_family_and_info(tiny_jina_v4_dir):
     assert info.max_length == 32768
     # the CPU stages' tokenizer gives the prefix of a (task, prompt) pair
     assert d.tokenizer.prefix("code", "passage") == "Passage: " and d.tokenizer.prefix("text-matching", "passage") == "Query: "
+    with pytest.raises(ValueError, match="depends on the prompt"):  # a task-only caller must not embed unprompted
+        d.tokenizer.prefix("retrieval")
 
 
 def test_detected_without_architectures(tiny_jina_v4_dir, tmp_path):
