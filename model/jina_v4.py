@@ -219,21 +219,23 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def vision_config(cfg: JinaV4Config, attn_implementation: str):
-    """transformers' vision config from config.json's vision_config (its `model_type` "qwen2_5_vl" is the
-    published spelling of what transformers calls "qwen2_5_vl_vision")."""
+def build_vision_tower(cfg: JinaV4Config, attn_implementation: str) -> nn.Module:
+    """transformers' Qwen2.5-VL vision tower from config.json's vision_config (whose `model_type`
+    "qwen2_5_vl" is the published spelling of transformers' "qwen2_5_vl_vision").
+
+    It is built with SDPA and switched to `attn_implementation` afterwards: transformers checks a name
+    containing "flash" at construction by importing flash-attn or a hub kernel, neither of which our
+    registered kernels (`vision_attention.py`) are; its attention modules read the name at call time.
+    """
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     raw = {k: v for k, v in cfg.vision.items() if k not in ("model_type", "torch_dtype")}
     vc = Qwen2_5_VLVisionConfig(**raw)
-    vc._attn_implementation = attn_implementation
-    return vc
-
-
-def build_vision_tower(cfg: JinaV4Config, attn_implementation: str) -> nn.Module:
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    return Qwen2_5_VisionTransformerPretrainedModel(vision_config(cfg, attn_implementation))
+    vc._attn_implementation = "sdpa"
+    tower = Qwen2_5_VisionTransformerPretrainedModel(vc)
+    tower.config._attn_implementation = attn_implementation
+    return tower
 
 
 class JinaV4Model(nn.Module):

@@ -10,14 +10,14 @@ projector (with the task's LoRA) on every token of the input (prefix and chat-te
 L2-normalized per token; float32 (tokens, 128) arrays, one per input.
 
 The trunk is causal. On CUDA with a 16-bit dtype, batches are packed (no padding computed) and run
-through the varlen kernel with causal=True; elsewhere they are right-padded and SDPA runs causal (no key
+through the varlen kernel with causal=True, and the vision tower's window and full attention through
+the same kernel (bidirectional); elsewhere they are right-padded and SDPA runs causal (no key
 mask is needed: a real token's earlier keys are all real). `attention="varlen_reference"` runs the
 packed path on CPU with an SDPA stand-in, which is how the packed path is tested without a GPU.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from model.images import IMAGE_PROMPT, ImageInput, ImagePreparer, PreparedImage
 from model.jina_v4 import JinaV4Config, JinaV4Model, load_jina_v4
 from model.packing import pack, pad, pool_spans, task_runs, unpad
 from model.tokenization import TextTokenizer
+from model.vision_attention import vision_attention_name
 
 PROMPTS = ("query", "passage")
 PROMPT_PREFIX = {"query": "Query: ", "passage": "Passage: "}  # §7: f"{Query|Passage}: {text}"
@@ -76,13 +77,6 @@ def image_preparer(path: str | Path, tokenizer: TextTokenizer, cfg: JinaV4Config
     )
 
 
-def vision_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """transformers' attention for the vision tower: flash-attn's varlen kernel where it runs, else SDPA
-    (which transformers runs window by window)."""
-    fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    return "flash_attention_2" if fast and importlib.util.find_spec("flash_attn") else "sdpa"
-
-
 class JinaV4Encoder(Encoder):
     def __init__(
         self,
@@ -120,9 +114,11 @@ class JinaV4Encoder(Encoder):
     ) -> JinaV4Encoder:
         tokenizer, info = describe_jina_v4(path, revision=revision, name=name)
         cfg = JinaV4Config.from_dir(path)
-        model = load_jina_v4(path, device=device, dtype=dtype, vision_attention=vision_attention(device, dtype))
+        impl = attention_impl or attention.default_impl(device, dtype)
+        # the vision tower's attention runs the same packed kernel as the decoder (`vision_attention.py`)
+        model = load_jina_v4(path, device=device, dtype=dtype, vision_attention=vision_attention_name(impl))
         return cls(model, tokenizer, info, image_preparer(path, tokenizer, cfg), max_batch_tokens=max_batch_tokens,
-                   attention_impl=attention_impl, cpu_streams=cpu_streams)
+                   attention_impl=impl, cpu_streams=cpu_streams)
 
     @property
     def packed(self) -> bool:

@@ -186,7 +186,11 @@ def test_packed_equals_padded_text(encoders):
 
 
 def test_packed_equals_padded_images(encoders):
+    """The packed path also runs the vision tower's windows through our packed kernel in one call per block
+    (`vision_attention.py`); the padded path leaves it to transformers' SDPA, window by window."""
     padded, packed = encoders
+    assert packed.model.visual.config._attn_implementation == "embedlake_flash_varlen_reference"
+    assert padded.model.visual.config._attn_implementation == "sdpa"
     tasks = ["code", "retrieval", "code"]
     np.testing.assert_allclose(packed.encode_images(images(), task=tasks), padded.encode_images(images(), task=tasks),
                                atol=PACKED_VS_PADDED_ATOL)
