@@ -22,6 +22,7 @@ import numpy as np
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 
 ImageInput = Any  # a PIL.Image.Image, or the encoded bytes of a PNG, JPEG, WebP, ... file
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # §7.2
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,11 @@ def mrope_positions(n_before: int, grid: tuple[int, int, int], n_after: int) -> 
 
 
 class ImagePreparer:
-    """Image -> `PreparedImage`, from the model directory's preprocessor_config.json and prompt token ids."""
+    """Image -> `PreparedImage`, from the model directory's preprocessor_config.json and prompt token ids.
+
+    The pixel bounds come from preprocessor_config.json (`min_pixels`/`max_pixels`, or `size`); the
+    published ones are 3136 and 602,112 (768 vision tokens).
+    """
 
     def __init__(self, preprocessor: dict, prompt_ids: np.ndarray, *, image_token_id: int,
                  vision_start_token_id: int, vision_end_token_id: int):
@@ -85,7 +90,7 @@ class ImagePreparer:
         self.processor = Qwen2VLImageProcessorPil(
             min_pixels=self.min_pixels, max_pixels=self.max_pixels, patch_size=preprocessor.get("patch_size", 14),
             temporal_patch_size=preprocessor.get("temporal_patch_size", 2), merge_size=self.merge_size,
-            image_mean=preprocessor["image_mean"], image_std=preprocessor["image_std"],
+            image_mean=preprocessor.get("image_mean", CLIP_MEAN), image_std=preprocessor.get("image_std", CLIP_STD),
         )
         pads = np.flatnonzero(prompt_ids == image_token_id)
         if len(pads) != 1:

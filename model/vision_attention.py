@@ -24,7 +24,7 @@ def _attend(impl: AttentionImpl):
 
     def forward(module, query, key, value, attention_mask, *, cu_seq_lens_q, max_length_q, is_causal=False, **kwargs):
         # transformers passes (1, H, T, D) and expects (1, T, H, D) back (its flash layout)
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (T, H, D)
         if max_length_q is None:  # not precomputed: one host sync, as transformers' own flash path does
             max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         out = kernel(cu_seq_lens_q.to(torch.int32), int(max_length_q), causal=bool(is_causal))(q, k, v)

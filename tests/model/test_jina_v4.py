@@ -243,3 +243,34 @@ def test_long_late_chunking_windows(encoders):
     np.testing.assert_allclose(np.linalg.norm(windowed, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(packed.encode_spans([text], [spans], window=n)[0],
                                padded.encode_spans([text], [spans])[0], atol=PACKED_VS_PADDED_ATOL)
+
+
+# -- model references ------------------------------------------------------------------------------------
+
+
+def test_s3_and_hub_references_load_the_same_model(tiny_jina_v4_dir, encoders, s3_env, tmp_path, monkeypatch):
+    """s3:// (copied once, adapters/ included) and an offline hub id give the local directory's vectors."""
+    import huggingface_hub.constants as c
+    import s3fs
+
+    padded, _ = encoders
+    expected = padded.encode(TEXTS[:2], task="code")
+    monkeypatch.setenv("EMBEDLAKE_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env.endpoint_url, key="testing", secret="testing")
+    remote = f"{s3_env.bucket}/models/jina-v4"
+    fs.put(str(tiny_jina_v4_dir) + "/", remote, recursive=True)
+    opts = {"endpoint_url": s3_env.endpoint_url, "key": "testing", "secret": "testing"}
+    enc = load_encoder(f"s3://{remote}", device="cpu", dtype=torch.float32, storage_options=opts)
+    np.testing.assert_allclose(enc.encode(TEXTS[:2], task="code"), expected, atol=1e-6)
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--jinaai--jina-embeddings-v4"
+    shutil.copytree(tiny_jina_v4_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    enc = load_encoder("jinaai/jina-embeddings-v4", device="cpu", dtype=torch.float32)
+    assert enc.info.name == "jinaai/jina-embeddings-v4" and enc.info.revision == commit[:12]
+    np.testing.assert_allclose(enc.encode(TEXTS[:2], task="code"), expected, atol=1e-6)
