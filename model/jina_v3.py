@@ -1,7 +1,7 @@
 """jina-embeddings-v3, natively: XLM-RoBERTa-large trunk, RoPE, post-LN blocks, 5 task LoRA adapters.
 
-Read top to bottom: config -> task runs -> LoRA linear / embedding -> rotary -> attention -> MLP ->
-block -> model -> checkpoint loading. Facts cite `shared/spec/jina-embeddings-v3.md` (§ numbers).
+Read top to bottom: config -> LoRA embedding (the LoRA linear, shared with jina-v4, is
+`task_lora.TaskLinear`) -> rotary -> attention -> MLP -> block -> model -> checkpoint loading. Facts cite `shared/spec/jina-embeddings-v3.md` (§ numbers).
 
 Parameter names equal the published checkpoint's once the `roberta.` prefix and the torch
 parametrize wrapping are removed (§2.2), so loading is a copy by name with a key-count check.
