@@ -9,8 +9,9 @@ Each figure is repeated (`--repeats`), reported as median and spread (min..max),
             sentence-transformers at the pipeline's precision, same texts
   scaling   corpus 1x, 4x, 16x: seconds per 1,000 documents, peak RSS of driver and Ray workers
   memory    an encoder actor's private memory over many calls (no Ray): after each call and peak
-  gpu       jina-v3 tokens/s and MFU at 512 and 8192 tokens, whole inputs, late and naive chunking
-            (CUDA only; skipped otherwise)
+  gpu       jina-v3 tokens/s and MFU at 512 and 8192 tokens, whole inputs, late and naive chunking;
+            jina-v4 tokens/s and MFU at 512 and 8192 tokens, images/s and MFU at the published image
+            size (CUDA only; skipped otherwise; --gpu-model and --gpu-v4-model name the checkpoints)
 
 Every comparison with sentence-transformers is like for like: at float32 against its default
 (torch) backend and its ONNX backend, at bfloat16 against its torch backend loaded in bf16. Each
@@ -592,6 +593,85 @@ def bench_gpu(
     return rows
 
 
+V4_IMAGE_SIZE = (672, 896)  # height, width: 602,112 pixels = 768 vision tokens, the published input size (§7.1)
+
+
+def bench_gpu_v4(
+    model: str | None,
+    repeats: int,
+    *,
+    device: str | None = None,
+    lengths: tuple[int, ...] = (512, 8192),
+    image_size: tuple[int, int] = V4_IMAGE_SIZE,
+    tokens_per_call: int = 262144,
+    images_per_call: int = 64,
+) -> list[dict]:
+    """jina-embeddings-v4 throughput and model FLOP utilization, bf16, packed causal varlen attention.
+
+    Text rows: whole inputs of `lengths` random token ids, one vector each (tokens/s). Image rows: one
+    random image of `image_size` pixels (preprocessed once: the rows time the model, not PIL), embedded
+    `images_per_call` times per call (images/s and tokens/s over its prompt and vision tokens). MFU counts
+    `model.jina_v4.flops_per_token` (text: causal attention at the row's length) and, for images, also
+    `vision_flops` (the vision tower), against EMBEDLAKE_PEAK_TFLOPS (default 989, H100/H200 dense bf16).
+    Needs a jina-embeddings-v4 directory (`--gpu-v4-model`): the published one, or a random checkpoint of
+    its shape (`tests/model/tiny_jina_v4.py`, `build(path, published_shape=True)`, as infra/gpu-check.sh
+    writes one). `device="cpu"` runs the same rows on CPU (how the tests check this code without a GPU).
+    """
+    import torch
+
+    if device is None and not torch.cuda.is_available():
+        return [{"skipped": "no CUDA device"}]
+    if model is None:
+        return [{"skipped": "pass --gpu-v4-model (a jina-embeddings-v4 directory)"}]
+    from model import load_encoder
+    from model.attention import kernel_name
+    from model.jina_v4 import flops_per_token, vision_flops
+
+    dev = torch.device(device or "cuda")
+    enc = load_encoder(model, device=dev)
+    if enc.info.family != "jina-v4":
+        raise ValueError(f"the gpu section's v4 rows measure jina-embeddings-v4; {model} is {enc.info.family}")
+    cfg = enc.model.cfg
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    peak = float(os.environ.get("EMBEDLAKE_PEAK_TFLOPS", 989.0)) * 1e12
+    task = enc.resolve_tasks("retrieval", 1)[0][0]
+    rng = np.random.default_rng(0)
+    common = {"model": "jina-v4", "precision": enc.precision, "attention": kernel_name(enc.attention_impl) + ", causal",
+              "device": str(dev)}
+
+    def rates(call: Callable[[], object], units: int) -> list[float]:
+        call()  # warm-up: kernels, allocator, merged adapter weights
+        sync()
+        out = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            sync()
+            out.append(units / (time.perf_counter() - t))
+        return out
+
+    rows = []
+    for length in lengths:
+        docs = max(8, tokens_per_call // length)
+        seqs = [rng.integers(0, cfg.image_token_id - 10, length) for _ in range(docs)]  # no special tokens
+        tok_s = rates(functools.partial(enc.embed_ids, seqs, [task] * docs), docs * length)
+        mfu = [100 * r * flops_per_token(cfg, length) / peak for r in tok_s]
+        rows.append({"input": "text", "length": length, "tok_s": summarize(tok_s), "mfu_pct": summarize(mfu), **common})
+
+    from PIL import Image
+
+    height, width = image_size
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = enc.images.prepare(Image.fromarray(pixels))
+    n = len(image)
+    flops = vision_flops(cfg, image.grid_thw) + n * flops_per_token(cfg, n)
+    img_s = rates(functools.partial(enc.embed_images, [image] * images_per_call, [task] * images_per_call),
+                  images_per_call)
+    rows.append({"input": f"image {width}x{height}", "length": n, "tok_s": summarize([r * n for r in img_s]),
+                 "images_s": summarize(img_s), "mfu_pct": summarize([100 * r * flops / peak for r in img_s]), **common})
+    return rows
+
+
 # -- entry point ----------------------------------------------------------------------------------
 
 
@@ -632,6 +712,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--incremental-memory-base", type=int, default=5000,
                    help="documents at 1x for the incremental section's diff memory (1x, 4x, 16x; default: 5000)")
     p.add_argument("--gpu-model", help="jina-embeddings-v3 directory for the GPU section")
+    p.add_argument("--gpu-v4-model", help="jina-embeddings-v4 directory for the GPU section's v4 rows (the published "
+                   "one, or a random one of its shape: tests/model/tiny_jina_v4.py build(path, published_shape=True))")
     p.add_argument("--out", default="bench_results", help="output directory for results.json and results.md")
     p.set_defaults(func=cmd_bench)
 
@@ -651,7 +733,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "memory": lambda: bench_memory(model, args.memory_calls, args.precision),
         "incremental": lambda: bench_incremental(model, args.incremental_docs, args.actors, args.precision,
                                                  args.incremental_memory_base),
-        "gpu": lambda: bench_gpu(args.gpu_model, args.repeats),
+        "gpu": lambda: bench_gpu(args.gpu_model, args.repeats) + bench_gpu_v4(args.gpu_v4_model, args.repeats),
     }
     unknown = [s for s in sections if s not in runners]
     if unknown:

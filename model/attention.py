@@ -7,11 +7,16 @@
   `torch.nn.attention.varlen.varlen_attn` (torch >= 2.9, CUDA), which runs the same algorithm
 - varlen_reference: a CPU stand-in for the varlen kernel (SDPA per sequence), so everything on the
   packed path except the kernel call itself runs and is tested without a GPU.
+
+Every kernel takes `causal` (decoders such as jina-v4's Qwen2.5 trunk: a token attends to itself and
+earlier tokens of its own sequence) and grouped-query attention: k and v may have fewer heads than q,
+each shared by `H_q / H_kv` consecutive query heads.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -44,8 +49,8 @@ def _flash_attn_kernel() -> VarlenKernel | None:
     except ImportError:
         return None
 
-    def attend(q, k, v, cu_seqlens, max_seqlen):
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
+    def attend(q, k, v, cu_seqlens, max_seqlen, causal=False):  # GQA is native (fewer k/v heads)
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=causal)
 
     return VarlenKernel("flash-attn", attend)
 
@@ -57,8 +62,21 @@ def _torch_varlen_kernel() -> VarlenKernel | None:
     except ImportError:
         return None
 
-    def attend(q, k, v, cu_seqlens, max_seqlen):
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # non-causal, 1/sqrt(D)
+    # The signature moved between releases: 2.9 takes `is_causal`; later ones a `window_size` ((-1, 0) is
+    # causal) and `enable_gqa`. Without `enable_gqa` k and v are expanded to q's heads.
+    params = inspect.signature(varlen_attn).parameters
+    windowed, gqa = "window_size" in params, "enable_gqa" in params
+
+    def attend(q, k, v, cu_seqlens, max_seqlen, causal=False):  # scale 1/sqrt(D)
+        kwargs: dict = {}
+        if causal:
+            kwargs = {"window_size": (-1, 0)} if windowed else {"is_causal": True}
+        if k.shape[-2] != q.shape[-2]:
+            if gqa:
+                kwargs["enable_gqa"] = True
+            else:
+                k, v = expand_kv(k, q.shape[-2]), expand_kv(v, q.shape[-2])
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
     return VarlenKernel("torch", attend)
 
@@ -84,26 +102,36 @@ def kernel_name(impl: AttentionImpl) -> str:
     return {"padded": "sdpa, padded", "varlen_reference": "sdpa per sequence (reference)"}[impl]
 
 
-def packed_kernel(impl: AttentionImpl) -> Callable[[torch.Tensor, int], AttentionFn]:
+def packed_kernel(impl: AttentionImpl) -> Callable[..., AttentionFn]:
     """The packed-layout kernel factory for an impl ("varlen" or its CPU stand-in)."""
     if impl == "padded":
         raise ValueError("the padded impl has no packed kernel")
     return varlen if impl == "varlen" else varlen_reference
 
 
-def padded(attention_mask: torch.Tensor) -> AttentionFn:
-    """Bidirectional attention over (B, L, H, D) with padded keys masked out."""
-    key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, L), True = attend
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., H_kv, D) -> (..., heads, D): each k/v head repeated for its group of query heads (GQA)."""
+    return x if x.shape[-2] == heads else x.repeat_interleave(heads // x.shape[-2], dim=-2)
+
+
+def padded(attention_mask: torch.Tensor, *, causal: bool = False) -> AttentionFn:
+    """Attention over (B, L, H, D) with padded keys masked out.
+
+    Causal attention needs no key mask: rows are right-padded, so a real token's earlier keys are all
+    real, and padded positions' outputs are dropped by the caller.
+    """
+    key_mask = None if causal else attention_mask[:, None, None, :]  # (B, 1, 1, L), True = attend
     short_cpu = attention_mask.device.type == "cpu" and attention_mask.shape[1] <= SHORT_BF16_MAX_LEN
     # Length-sorted batches of short texts are often all one length: then nothing needs masking.
     short_mask = key_mask if short_cpu and not bool(attention_mask.all()) else None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = expand_kv(k, q.shape[-2]), expand_kv(v, q.shape[-2])
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
-        if short_cpu and q.dtype == torch.bfloat16:
+        if short_cpu and q.dtype == torch.bfloat16 and not causal:
             out = short_bf16_attention(q, k, v, short_mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=causal)
         return out.transpose(1, 2)  # (B, L, H, D)
 
     return attend
@@ -119,7 +147,7 @@ def short_bf16_attention(
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
-def varlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> AttentionFn:
+def varlen(cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = False) -> AttentionFn:
     """Varlen attention over packed (T, H, D): no padding is ever computed."""
     kernel = varlen_kernel()
     if kernel is None:
@@ -127,20 +155,21 @@ def varlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> AttentionFn:
                            "or use the padded path")
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return kernel.attend(q, k, v, cu_seqlens, max_seqlen)
+        return kernel.attend(q, k, v, cu_seqlens, max_seqlen, causal)
 
     return attend
 
 
-def varlen_reference(cu_seqlens: torch.Tensor, max_seqlen: int) -> AttentionFn:
+def varlen_reference(cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = False) -> AttentionFn:
     """Same contract as `varlen`, computed per sequence with SDPA (CPU stand-in for tests)."""
     bounds = cu_seqlens.tolist()
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = expand_kv(k, q.shape[-2]), expand_kv(v, q.shape[-2])
         out = torch.empty_like(q)
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
             qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, L_i, D)
-            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)[0].transpose(0, 1)
         return out
 
     return attend

@@ -4,15 +4,16 @@ A family supplies one method, `_forward`: token-id sequences -> packed contextua
 Everything else is shared: task and dim validation, length-sorted token-budget batching, pooling
 (mean over sequences, or over late-chunking spans: `late_chunking.py`), Matryoshka truncation and
 normalization. Batches run one at a time, or several at once on CPU (`streams.py`).
-jina-embeddings-v4 (multi-vector, images) will add methods beside `encode`/`encode_spans` without
-changing them: nothing here assumes text-only single vectors beyond those two methods.
+jina-embeddings-v4 (`jina_v4_encoder.py`) adds prompts ("query"/"passage", chosen apart from the task),
+multi-vector output and images beside `encode`/`encode_spans`; the methods here that other families
+cannot serve say so (`encode_multi`, `encode_images`), and `EncoderInfo` tells callers beforehand.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from model.streams import CpuStreams
 from model.tokenization import CharSpan, TextTokenizer, token_spans
 
 TaskArg = str | None | Sequence[str | None]
+PromptArg = str | None | Sequence[str | None]  # per text, like tasks; None: the model's default prompt
 
 # Padded backends close a batch before its real/computed token ratio drops below this.
 PADDED_MIN_FILL = 0.97
@@ -42,6 +44,13 @@ class EncoderInfo:
     query_task: str | None  # what pipelines use for search queries
     max_length: int
     pooling: str = "mean"
+    # Prompts chosen apart from the task (jina-v4: "query" | "passage"); empty where the task carries its
+    # instruction (jina-v3: "retrieval.query"), and a prompt argument is then an error.
+    prompts: tuple[str, ...] = ()
+    default_prompt: str | None = None  # what pipelines use for documents
+    query_prompt: str | None = None  # what pipelines use for search queries
+    multi_vector_dim: int | None = None  # per-token vectors (`encode_multi`) of this width, None: not offered
+    modalities: tuple[str, ...] = ("text",)  # "image": `encode_images` and images in `encode_multi`
 
     @property
     def identity(self) -> str:
@@ -140,11 +149,20 @@ class Encoder(ABC):
         return self.streams.count
 
     def encode(
-        self, texts: Sequence[str], *, task: TaskArg = None, dim: int | None = None, normalize: bool = True
+        self,
+        texts: Sequence[str],
+        *,
+        task: TaskArg = None,
+        dim: int | None = None,
+        normalize: bool = True,
+        prompt: PromptArg = None,
     ) -> np.ndarray:
-        """One vector per text: (n, dim or full) float32. Inputs over `max_length` tokens are truncated."""
+        """One vector per text: (n, dim or full) float32. Inputs over `max_length` tokens are truncated.
+
+        `prompt` only for models that list prompts (`info.prompts`); elsewhere it must stay None.
+        """
         texts = _as_list(texts)
-        task_ids, prefixes = self.resolve_tasks(task, len(texts))
+        task_ids, prefixes = self.resolve_tasks(task, len(texts), prompt)
         self.check_dim(dim)
         seqs = self.tokenizer.encode(texts, prefixes)
         return self.finalize(self.embed_ids(seqs, task_ids), dim, normalize)
@@ -159,29 +177,46 @@ class Encoder(ABC):
         normalize: bool = True,
         window: int | None = None,
         overlap: int | None = None,
+        prompt: PromptArg = None,
     ) -> list[np.ndarray]:
         """Late chunking: one vector per character span, pooled from whole-document token states.
 
         Documents longer than `window` tokens (default: the model maximum) use long late chunking:
         windows overlapping by `overlap` tokens (default: min(512, window // 4)), later windows'
         first `overlap` outputs dropped, spans pooled over the stitched sequence (spec §6.5).
+        With a causal model (jina-v4) a span's tokens saw only the text before them, never after.
         """
         texts = _as_list(texts)
         if len(spans) != len(texts):
             raise ValueError(f"got {len(spans)} span lists for {len(texts)} texts")
-        task_ids, prefixes = self.resolve_tasks(task, len(texts))
+        task_ids, prefixes = self.resolve_tasks(task, len(texts), prompt)
         self.check_dim(dim)
         docs = self.tokenizer.encode_with_offsets(texts, prefixes)
         tspans = [token_spans(doc, s) for doc, s in zip(docs, spans, strict=True)]
         vectors = self.embed_id_spans([d.ids for d in docs], tspans, task_ids, window=window, overlap=overlap)
         return [self.finalize(v, dim, normalize) for v in vectors]
 
+    def encode_multi(self, items: Sequence, *, task: TaskArg = None, prompt: PromptArg = None) -> list[np.ndarray]:
+        """Per-token vectors, one (tokens, info.multi_vector_dim) array per item: models with `multi_vector_dim`."""
+        raise ValueError(f"{self.info.name} ({self.info.family}) gives no multi-vector output")
+
+    def encode_images(
+        self, images: Sequence, *, task: TaskArg = None, dim: int | None = None, normalize: bool = True
+    ) -> np.ndarray:
+        """One vector per image: models whose `info.modalities` include "image"."""
+        raise ValueError(f"{self.info.name} ({self.info.family}) does not embed images")
+
     # -- validation -----------------------------------------------------------------------------
-    def resolve_tasks(self, task: TaskArg, n: int) -> tuple[list[int | None], list[str]]:
-        """Task argument -> (per-text task index or None, per-text instruction prefix)."""
-        names = [task] * n if task is None or isinstance(task, str) else list(task)
-        if len(names) != n:
-            raise ValueError(f"task list has {len(names)} entries for {n} texts")
+    def resolve_tasks(
+        self, task: TaskArg, n: int, prompt: PromptArg = None
+    ) -> tuple[list[int | None], list[str]]:
+        """Task and prompt arguments -> (per-text task index or None, per-text instruction prefix).
+
+        Prompts: a model listing none (jina-v3: its tasks carry their instruction) rejects any; otherwise
+        None stands for `info.default_prompt`, and the tokenizer holds the prefix of each (task, prompt).
+        """
+        names = _per_text(task, n, "task")
+        prompts = _per_text(prompt, n, "prompt")
         ids: list[int | None] = []
         for name in names:
             if name is None:
@@ -191,7 +226,16 @@ class Encoder(ABC):
             else:
                 valid = ", ".join(self.tasks) if self.tasks else "none (this model has no tasks)"
                 raise ValueError(f"unknown task {name!r} for {self.info.name}; valid tasks: {valid}")
-        return ids, [self.tokenizer.prefix(name) for name in names]
+        if not self.info.prompts:
+            if any(p is not None for p in prompts):
+                raise ValueError(f"{self.info.name} takes no prompt: its tasks carry their instruction "
+                                 f"(tasks: {', '.join(self.tasks) or 'none'})")
+            return ids, [self.tokenizer.prefix(name) for name in names]
+        chosen = [self.info.default_prompt if p is None else p for p in prompts]
+        for p in chosen:
+            if p not in self.info.prompts:
+                raise ValueError(f"unknown prompt {p!r} for {self.info.name}; valid prompts: {', '.join(self.info.prompts)}")
+        return ids, [self.tokenizer.prefix(name, p) for name, p in zip(names, chosen, strict=True)]
 
     def check_dim(self, dim: int | None) -> None:
         """None (the full dim) or a dim `EncoderInfo.check_dims` allows."""
@@ -239,15 +283,17 @@ class Encoder(ABC):
 
     # -- batching ---------------------------------------------------------------------------------
     def _run(
-        self, seqs: list[np.ndarray], tasks: list[int | None]
+        self, seqs: Sequence, tasks: list[int | None], forward: Callable[[list, list[int | None]], torch.Tensor] | None = None
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Yield (indices, packed states, offsets) per token-budget batch, in completion order; equal
-        tasks contiguous within a batch."""
+        tasks contiguous within a batch. `forward` (default `_forward`) takes the batch's inputs: token-id
+        arrays, or anything else with a token count as its `len` (jina-v4's prepared images)."""
         lengths = [len(s) for s in seqs]
         batches = token_budget_batches(lengths, self.max_batch_tokens, padded=not self.packed, min_fill=PADDED_MIN_FILL)
         for batch in batches:
             batch.sort(key=lambda i: -1 if tasks[i] is None else tasks[i])  # stable: length order kept
-        forwarded = self.streams.map(lambda batch: self._forward_batch(seqs, tasks, batch), batches)
+        fn = forward or self._forward
+        forwarded = self.streams.map(lambda batch: self._forward_batch(fn, seqs, tasks, batch), batches)
         for batch, states, seconds in forwarded:
             lens = [lengths[i] for i in batch]
             offsets = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device=states.device)
@@ -261,13 +307,21 @@ class Encoder(ABC):
             self.stats.batches += 1
 
     def _forward_batch(
-        self, seqs: list[np.ndarray], tasks: list[int | None], batch: list[int]
+        self, forward: Callable, seqs: Sequence, tasks: list[int | None], batch: list[int]
     ) -> tuple[list[int], torch.Tensor, float]:
         """Forward one batch, timed; safe to run on a stream thread."""
         with torch.inference_mode():  # grad mode is per thread: stream threads need it set too
             t0 = time.perf_counter()
-            states = self._forward([seqs[i] for i in batch], [tasks[i] for i in batch])
+            states = forward([seqs[i] for i in batch], [tasks[i] for i in batch])
             return batch, states, time.perf_counter() - t0
+
+
+def _per_text(arg: str | None | Sequence[str | None], n: int, what: str) -> list[str | None]:
+    """One value for every text, or a list of them (checked to have one per text)."""
+    values = [arg] * n if arg is None or isinstance(arg, str) else list(arg)
+    if len(values) != n:
+        raise ValueError(f"{what} list has {len(values)} entries for {n} texts")
+    return values
 
 
 def _as_list(texts: Sequence[str]) -> list[str]:

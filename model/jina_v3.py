@@ -1,7 +1,7 @@
 """jina-embeddings-v3, natively: XLM-RoBERTa-large trunk, RoPE, post-LN blocks, 5 task LoRA adapters.
 
-Read top to bottom: config -> task runs -> LoRA linear / embedding -> rotary -> attention -> MLP ->
-block -> model -> checkpoint loading. Facts cite `shared/spec/jina-embeddings-v3.md` (§ numbers).
+Read top to bottom: config -> LoRA embedding (the LoRA linear, shared with jina-v4, is
+`task_lora.TaskLinear`) -> rotary -> attention -> MLP -> block -> model -> checkpoint loading. Facts cite `shared/spec/jina-embeddings-v3.md` (§ numbers).
 
 Parameter names equal the published checkpoint's once the `roberta.` prefix and the torch
 parametrize wrapping are removed (§2.2), so loading is a copy by name with a key-count check.
@@ -24,10 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import AttentionFn
+from model.task_lora import TaskLinear, TaskRuns
 from model.weights import read_safetensors
-
-# ((task index or None, start, stop), ...) along dim 0; None means base weights (no adapter).
-TaskRuns = tuple[tuple[int | None, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -90,39 +88,6 @@ _DEFAULT_INSTRUCTIONS = {
     "retrieval.query": "Represent the query for retrieving evidence documents: ",
     "retrieval.passage": "Represent the document for retrieval: ",
 }
-
-
-class TaskLinear(nn.Module):
-    """nn.Linear with stacked task LoRA: W_t = W + scaling * B[t] @ A[t] (§2.2, Linear orientation).
-
-    Merged weights are cached per task in use, so batches pay for one GEMM, not a LoRA side path.
-    """
-
-    def __init__(self, in_features: int, out_features: int, num_tasks: int, rank: int, scaling: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-        self.lora_A = nn.Parameter(torch.empty(num_tasks, rank, in_features), requires_grad=False)
-        self.lora_B = nn.Parameter(torch.empty(num_tasks, out_features, rank), requires_grad=False)
-        self.scaling = scaling
-        self._merged: dict[int, torch.Tensor] = {}
-
-    def task_weight(self, task: int | None) -> torch.Tensor:
-        if task is None:
-            return self.weight
-        if task not in self._merged:
-            # Merge in fp32 and cast once (as vLLM does): bf16 deltas would round twice.
-            delta = self.lora_B[task].float() @ self.lora_A[task].float()  # (out, in)
-            self._merged[task] = (self.weight.float() + self.scaling * delta).to(self.weight.dtype)
-        return self._merged[task]
-
-    def forward(self, x: torch.Tensor, runs: TaskRuns) -> torch.Tensor:
-        if len(runs) == 1:
-            return F.linear(x, self.task_weight(runs[0][0]), self.bias)
-        out = x.new_empty(*x.shape[:-1], self.weight.shape[0])
-        for task, start, stop in runs:
-            out[start:stop] = F.linear(x[start:stop], self.task_weight(task), self.bias)
-        return out
 
 
 class TaskEmbedding(nn.Module):

@@ -22,7 +22,7 @@ from model.encoder import Encoder, EncoderInfo
 from model.streams import per_thread_intra_op
 from model.tokenization import TextTokenizer
 
-Family = Literal["jina-v3", "sentence-transformers"]
+Family = Literal["jina-v3", "jina-v4", "sentence-transformers"]
 
 DEFAULT_MAX_BATCH_TOKENS = {"cuda": 65536, "cpu": 16384}  # performance spec §6: 32k-64k on 80 GB
 
@@ -87,18 +87,32 @@ def bound_cpu_kernel_caches() -> None:
         os.environ.setdefault(var, str(CPU_KERNEL_CACHE_ENTRIES))
 
 
+def is_jina_v4_config(config: dict) -> bool:
+    """jina-v4's config.json has no top-level model_type (spec §7.2): it is known by its architecture, or by
+    the jina extras beside a Qwen2.5-VL text_config."""
+    if "JinaEmbeddingsV4Model" in (config.get("architectures") or []):
+        return True
+    text = config.get("text_config") or {}
+    return "task_names" in config and "multi_vector_projector_dim" in config and text.get("model_type") == "qwen2_5_vl_text"
+
+
 def detect_family(path: Path) -> Family:
     config = _read_json(path / "config.json")
     if "lora_adaptations" in config and config.get("position_embedding_type", "rotary") == "rotary":
         return "jina-v3"
+    if is_jina_v4_config(config):
+        return "jina-v4"
     if (path / "modules.json").is_file():
         return "sentence-transformers"
     raise ValueError(
-        f"{path} is not a model directory embedlake can load. Expected either the published "
+        f"{path} is not a model directory embedlake can load. Expected the published "
         "jina-embeddings-v3 layout (config.json with 'lora_adaptations', safetensors weights named "
-        "'roberta....parametrizations...', tokenizer.json) or a sentence-transformers directory "
-        "(modules.json, 1_Pooling/config.json, sentence_bert_config.json, a transformers model "
-        "with safetensors weights and tokenizer.json)."
+        "'roberta....parametrizations...', tokenizer.json), the published jina-embeddings-v4 layout "
+        "(config.json with architectures ['JinaEmbeddingsV4Model'] and 'task_names', "
+        "model.safetensors.index.json and its shards, adapters/adapter_config.json and "
+        "adapters/adapter_model.safetensors, tokenizer.json, preprocessor_config.json) or a "
+        "sentence-transformers directory (modules.json, 1_Pooling/config.json, sentence_bert_config.json, "
+        "a transformers model with safetensors weights and tokenizer.json)."
     )
 
 
@@ -146,7 +160,10 @@ def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*/*.json"]))
+        # "*.txt": merges; "*/*.json", "*/*.safetensors": jina-v4's adapters/ (and sentence-transformers' modules)
+        return Path(snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*/*.json", "*/*.safetensors"]
+        ))
     except Exception as err:  # offline without a cached snapshot, unknown repo, ...
         raise FileNotFoundError(f"could not resolve hub model {repo_id!r}: {err}") from err
 
@@ -169,7 +186,7 @@ def model_name(path: Path, family: Family) -> str:
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         return path.parent.parent.name.removeprefix("models--").replace("--", "/")
     declared = _read_json(path / "config.json").get("_name_or_path") or ""
-    if family == "jina-v3" and declared and not declared.startswith(("/", ".")):
+    if family in ("jina-v3", "jina-v4") and declared and not declared.startswith(("/", ".")):
         return declared
     return path.name if path.name not in ("model", "models", "snapshot") else path.parent.name
 
@@ -202,6 +219,10 @@ def describe_model(
         from model.jina_encoder import describe_jina_v3
 
         tokenizer, info = describe_jina_v3(path, **ident)
+    elif family == "jina-v4":
+        from model.jina_v4_encoder import describe_jina_v4
+
+        tokenizer, info = describe_jina_v4(path, **ident)
     else:
         from model.st_encoder import describe_sentence_transformer
 
@@ -240,6 +261,10 @@ def load_encoder(
         from model.jina_encoder import JinaV3Encoder
 
         return JinaV3Encoder.from_dir(path, **common)
+    if family == "jina-v4":
+        from model.jina_v4_encoder import JinaV4Encoder
+
+        return JinaV4Encoder.from_dir(path, **common)
     from model.st_encoder import SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(path, **common)

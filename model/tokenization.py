@@ -38,7 +38,7 @@ class TextTokenizer:
         tokenizer: Tokenizer,
         *,
         max_length: int,
-        instructions: Mapping[str, str] | None = None,
+        instructions: Mapping[str | tuple[str, str], str] | None = None,
         lowercase: bool = False,
     ):
         self.max_length = max_length
@@ -64,8 +64,19 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._full.token_to_id(token)
 
-    def prefix(self, task: str | None) -> str:
-        return self.instructions.get(task, "") if task else ""
+    def prefix(self, task: str | None, prompt: str | None = None) -> str:
+        """The text put before an input: per task (jina-v3), or per (task, prompt) (jina-v4).
+
+        Where prefixes depend on the prompt, leaving it out is an error rather than no prefix: a caller
+        that knows only tasks would otherwise embed every text unprompted, silently.
+        """
+        if not task:
+            return ""
+        if prompt is None and any(isinstance(k, tuple) for k in self.instructions):
+            prompts = sorted({k[1] for k in self.instructions if isinstance(k, tuple)})
+            raise ValueError(f"this model's prefix depends on the prompt as well as the task: pass prompt= "
+                             f"one of {', '.join(prompts)}")
+        return self.instructions.get((task, prompt) if prompt else task, "")
 
     def _prepare(self, text: str, prefix: str) -> str:
         if not isinstance(text, str):

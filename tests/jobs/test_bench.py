@@ -15,7 +15,7 @@ from shared_data import minilm_dir
 from tiny_jina import make_tiny_jina
 
 from jobs import bench
-from jobs.bench import bench_gpu
+from jobs.bench import bench_gpu, bench_gpu_v4
 from model.jina_v3 import JinaV3Config
 from model.loading import BF16_CPU_FLAGS
 
@@ -38,6 +38,13 @@ def tiny_jina(tmp_path_factory):
     return make_tiny_jina(tmp_path_factory.mktemp("bench") / "jina-v3-tiny", seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_jina_v4_dir(tmp_path_factory):
+    from tiny_jina_v4 import build
+
+    return build(tmp_path_factory.mktemp("bench") / "jina-v4-tiny", seed=0)
+
+
 def test_gpu_section_rows_whole_late_and_naive(tiny_jina, monkeypatch):
     cfg = JinaV3Config.from_dir(tiny_jina)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads) == (2, 32, 64, 4)
@@ -58,6 +65,40 @@ def test_gpu_section_needs_a_jina_model(tiny_jina):
     assert bench_gpu(None, 1, device="cpu") == [{"skipped": "pass --gpu-model (a jina-embeddings-v3 directory)"}]
     with pytest.raises(ValueError, match="measures jina-embeddings-v3"):
         bench_gpu(str(minilm_dir()), 1, device="cpu", lengths=(64,))
+
+
+# Forward FLOPs of the tiny jina-v4 (tiny_jina_v4.py: 3 layers, d = 64, FFN f = 128, 4 query heads and 2
+# key/value heads of 16), multiply-add = 2, causal attention at length L. Per layer and token:
+#   q and o projections   2 x (2 x 64 x 64)     = 16,384
+#   k and v projections   2 x (2 x 64 x 32)     =  8,192   (GQA: 2 heads x 16)
+#   SwiGLU gate, up, down 3 x (2 x 64 x 128)    = 49,152
+#   scores + weights x V  2 x (2 x L x 64) / 2  =    128 L (causal: half the pairs)
+# = 73,728 + 128 L; times 3 layers = 221,184 + 384 L.
+# Vision tower for a 112 x 112 image: 8 x 8 = 64 patches (d = 32, f = 64, 2 blocks), 16 merged tokens; the
+# 112-pixel window covers the whole image, so both blocks attend over all 64 patches:
+#   per patch and block: qkv 6 x 32^2 + proj 2 x 32^2 + SwiGLU 6 x 32 x 64 = 20,480 -> x 64 x 2 = 2,621,440
+#   attention 4 x 32 x 64^2 per block                                      -> x 2     = 1,048,576
+#   patch embedding 2 x (3 x 2 x 14 x 14) x 32 per patch                   -> x 64    = 4,816,896
+#   merger 2 x 128^2 + 2 x 128 x 64 per merged token                       -> x 16    =   786,432
+# = 9,273,344; plus the text decoder over the image's 17 + 16 = 33 tokens: 33 x (221,184 + 384 x 33).
+TINY_V4_TEXT_FLOPS = {64: 221_184 + 384 * 64, 256: 221_184 + 384 * 256}
+TINY_V4_IMAGE_FLOPS = 9_273_344 + 33 * (221_184 + 384 * 33)
+
+
+def test_gpu_section_v4_rows_text_and_images(tiny_jina_v4_dir, monkeypatch):
+    monkeypatch.setenv("EMBEDLAKE_PEAK_TFLOPS", str(PEAK_TFLOPS))
+    rows = bench_gpu_v4(str(tiny_jina_v4_dir), repeats=2, device="cpu", lengths=(64, 256), image_size=(112, 112),
+                        tokens_per_call=1024, images_per_call=4)
+    assert [(r["input"], r["length"]) for r in rows] == [("text", 64), ("text", 256), ("image 112x112", 33)]
+    for r in rows:
+        assert r["model"] == "jina-v4" and r["attention"] == "sdpa, padded, causal" and r["device"] == "cpu"
+        per_unit = TINY_V4_IMAGE_FLOPS if r["input"].startswith("image") else TINY_V4_TEXT_FLOPS[r["length"]]
+        units = r["images_s"]["runs"] if "images_s" in r else r["tok_s"]["runs"]
+        for rate, pct in zip(units, r["mfu_pct"]["runs"], strict=True):
+            assert math.isclose(pct, 100 * rate * per_unit / (PEAK_TFLOPS * 1e12), rel_tol=1e-3, abs_tol=0.006)
+    assert bench_gpu_v4(None, 1, device="cpu") == [{"skipped": "pass --gpu-v4-model (a jina-embeddings-v4 directory)"}]
+    with pytest.raises(ValueError, match="measure jina-embeddings-v4"):
+        bench_gpu_v4(str(minilm_dir()), 1, device="cpu")
 
 
 @pytest.mark.parametrize(

@@ -53,3 +53,58 @@ def test_varlen_minilm_matches_cpu_fp32():
     a, b = gpu.encode(texts), cpu.encode(texts)
     assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
     assert gpu.stats.computed_tokens == gpu.stats.real_tokens
+
+
+# -- jina-embeddings-v4: causal varlen, GQA, images ------------------------------------------------------
+
+
+def _v4_texts() -> list[str]:
+    return sts_sentences("test")[:48] + [" ".join(sts_sentences("test")[:300])]
+
+
+@pytest.mark.parametrize("task", ["retrieval", "code"])
+def test_v4_varlen_bf16_matches_cpu_fp32(tiny_jina_v4_dir, task):
+    from test_jina_v4_parity import images
+
+    gpu = load_encoder(str(tiny_jina_v4_dir))
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16 and gpu.attention_impl == "varlen"
+    cpu = load_encoder(str(tiny_jina_v4_dir), device="cpu", dtype=torch.float32)
+    texts = _v4_texts()
+    for prompt in ("query", "passage"):
+        a, b = gpu.encode(texts, task=task, prompt=prompt), cpu.encode(texts, task=task, prompt=prompt)
+        assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
+    a, b = gpu.encode_images(images(), task=task), cpu.encode_images(images(), task=task)
+    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
+    for x, y in zip(gpu.encode_multi(texts[:8], task=task), cpu.encode_multi(texts[:8], task=task), strict=True):
+        assert x.shape == y.shape and (x * y).sum(axis=1).min() >= BF16_COSINE_MIN
+    assert gpu.stats.computed_tokens == gpu.stats.real_tokens  # padding-free
+
+
+def test_v4_packed_equals_padded_on_gpu(tiny_jina_v4_dir):
+    from test_jina_v4_parity import images
+
+    from model.jina_v4_encoder import JinaV4Encoder
+    from model.loading import content_revision
+
+    def make(impl):
+        return JinaV4Encoder.from_dir(
+            tiny_jina_v4_dir, device=torch.device("cuda"), dtype=torch.bfloat16, max_batch_tokens=16384,
+            revision=content_revision(tiny_jina_v4_dir), name="tiny-v4", attention_impl=impl,
+        )
+
+    packed, padded = make("varlen"), make("padded")
+    texts = _v4_texts()
+    a, b = packed.encode(texts, task="text-matching"), padded.encode(texts, task="text-matching")
+    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
+    a, b = packed.encode_images(images()), padded.encode_images(images())
+    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
+
+
+def test_v4_late_chunking_on_gpu_matches_cpu(tiny_jina_v4_dir):
+    text = " ".join(sts_sentences("test")[:200])
+    spans = [[(0, 300), (300, 2000), (2000, len(text))]]
+    gpu = load_encoder(str(tiny_jina_v4_dir))
+    cpu = load_encoder(str(tiny_jina_v4_dir), device="cpu", dtype=torch.float32)
+    a = gpu.encode_spans([text], spans, task="retrieval", window=1024, overlap=128)[0]
+    b = cpu.encode_spans([text], spans, task="retrieval", window=1024, overlap=128)[0]
+    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN and np.isfinite(a).all()
