@@ -79,13 +79,18 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     _add_option(source, "--id-column", "document id column")
     _add_option(source, "--text-column", "text column")
     _add_option(source, "--title-column", "optional title column; the embedded text is title + ' ' + text")
+    _add_option(source, "--image-column", "optional column of images (PNG/JPEG/WebP bytes, or paths/URLs read "
+                                          "through fsspec) for models that embed images (jina-v4)")
     _add_option(source, "--keep-columns", "comma-separated input columns to carry into the table")
     _add_option(source, "--on-bad-file", "a corrupt, truncated or unreadable Parquet file, or one lacking the job's "
                                          "columns: fail the job naming it, or skip it and list it in the report")
 
     model = p.add_argument_group("model and encoding")
     _add_option(model, "--model", "model directory, fsspec URL of one, or Hugging Face hub id (cached)")
-    _add_option(model, "--task", "task adapter/instruction (default: retrieval.passage for jina-v3, none otherwise)")
+    _add_option(model, "--task", "task adapter/instruction (default: retrieval.passage for jina-v3, retrieval for jina-v4, none otherwise)")
+    _add_option(model, "--prompt", "query or passage: jina-v4's text prefix (default: passage)")
+    _add_option(model, "--multi-vector", "also store jina-v4's 128-d vector per token (column multivector_128), "
+                                         "for late-interaction (MaxSim) search", action="store_true", default=None)
     _add_option(model, "--dims", "comma-separated Matryoshka dims, one vector column each (default: the full dim)")
     _add_option(model, "--vector-dtype", "stored vector type")
     _add_option(model, "--precision", "compute precision: auto = bfloat16 on CUDA and on CPUs with AMX or "
@@ -248,13 +253,21 @@ def cmd_query(args: argparse.Namespace) -> int:
     from pipeline.query import search
     from pipeline.storage import parse_storage_options
 
-    hits = search(args.db, args.table, args.text, column=args.column, k=args.k,
-                  storage_options=parse_storage_options(args.storage_option or []))
+    options = parse_storage_options(args.storage_option or [])
+    image = None
+    if args.image is not None:
+        from pipeline.images import decode_problem
+        from pipeline.storage import StorageConfig
+
+        image = StorageConfig.from_env(options).fsspec_filesystem(args.image).cat_file(args.image)
+        if problem := decode_problem(image):
+            raise ValueError(f"--image {args.image}: {problem}")
+    hits = search(args.db, args.table, args.text, image=image, column=args.column, k=args.k, storage_options=options)
     if args.json:
         print(json.dumps(hits, indent=2))
         return 0
     for rank, h in enumerate(hits, 1):
-        text = " ".join(h["text"].split())
+        text = "[image]" if h.get("modality") == "image" else " ".join(h["text"].split())
         print(f"{rank:>3}. {h['score']:.4f}  {h['id']} #{h['chunk']}  {text[:160]}")
     return 0
 
@@ -345,8 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="search a table written by `embed`")
     query.add_argument("--db", required=True, help="LanceDB URI")
     query.add_argument("--table", required=True, help="table name")
-    query.add_argument("--text", required=True, help="query text (embedded with the table's query task)")
-    query.add_argument("--column", help="vector column, e.g. vector_256 (default: the first dim)")
+    what = query.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="query text (embedded with the table's query task and prompt)")
+    what.add_argument("--image", metavar="PATH", help="query image: a path or fsspec URL of a PNG, JPEG or WebP file "
+                                                     "(models that embed images: jina-v4)")
+    query.add_argument("--column", help="vector column, e.g. vector_256, or multivector_128 to rank by late "
+                                        "interaction (MaxSim) (default: the first dim)")
     query.add_argument("-k", type=int, default=10, help="hits to print (default: 10)")
     query.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="object store option (repeatable)")
     query.add_argument("--json", action="store_true", help="print hits as JSON")

@@ -141,7 +141,9 @@ class ChunkingConfig:
 @dataclass(frozen=True)
 class EncodeConfig:
     model: str  # local dir, fsspec URL or hub id
-    task: str | None = None  # resolved against the model: retrieval.passage for jina-v3
+    task: str | None = None  # resolved against the model: retrieval.passage for jina-v3, retrieval for jina-v4
+    prompt: str | None = None  # jina-v4's query | passage prefix (default passage); v3 tasks carry their own
+    multi_vector: bool = False  # jina-v4: also store the 128-d per-token vectors (column multivector_128)
     dims: tuple[int, ...] = option((), at_least=1)  # empty = the full dimension only
     vector_dtype: VectorDType = "float32"
     # Compute precision: "auto" = bf16 where the hardware multiplies bf16 natively (CUDA, CPUs with

@@ -22,8 +22,19 @@ import torch
 
 from model import load_encoder
 from pipeline.diff import UNCHANGED
-from pipeline.prepare import CHAR_SPANS, DOC_CHUNKS, FIRST_CHUNK, IDS, REJECT, STATUS, TOKEN_SPANS
+from pipeline.prepare import (
+    CHAR_SPANS,
+    DOC_CHUNKS,
+    FIRST_CHUNK,
+    IDS,
+    IMAGE,
+    MODALITY,
+    REJECT,
+    STATUS,
+    TOKEN_SPANS,
+)
 from pipeline.read import SOURCE_FILE, SOURCE_ROW
+from pipeline.table_meta import MULTIVECTOR, MULTIVECTOR_DIM
 
 # Internal columns every output row of a unit carries on to the writer (not summed as stats).
 PER_UNIT = (STATUS, DOC_CHUNKS, SOURCE_FILE, SOURCE_ROW)
@@ -44,10 +55,21 @@ class EmbedSpec:
     cpu_threads: int | None = None
     storage_options: tuple[tuple[str, str], ...] = ()
     revision: str | None = None  # the driver's content hash: actors need not hash the weights again
+    prompt: str | None = None  # jina-v4: applied by the prepare stage's prefix; here only checked
+    multi_vector: bool = False  # also the per-token vectors (column MULTIVECTOR)
+    images: bool = False  # units of modality "image" come (with their encoded bytes in IMAGE)
 
 
 def vector_column(dim: int) -> str:
     return f"vector_{dim}"
+
+
+def multivector_array(multi: list[torch.Tensor], dtype: type) -> pa.ListArray:
+    """Per-row (tokens, 128) arrays as LanceDB's multivector layout, built from flat buffers (no Python lists)."""
+    lengths = np.array([len(m) for m in multi], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = torch.cat(multi).numpy().astype(dtype).reshape(-1) if len(multi) else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat), MULTIVECTOR_DIM))
 
 
 def _assigned_gpus() -> list[str]:
@@ -111,7 +133,7 @@ class EmbedStage:
             spec.model, device=device, dtype=spec.precision, max_batch_tokens=spec.max_batch_tokens, storage_options=dict(spec.storage_options),
             revision=spec.revision,
         )
-        self.task_ids, _ = self.encoder.resolve_tasks(spec.task, 1)
+        self.task_ids, _ = self.encoder.resolve_tasks(spec.task, 1, spec.prompt)
         self.encoder.info.check_dims(spec.dims)
         self.model_identity = self.encoder.info.identity
         self.actor = f"node={_node_id()} pid={os.getpid()} gpus={','.join(self.gpu_ids) or 'none'} device={device}"
@@ -131,8 +153,7 @@ class EmbedStage:
             accepted = pc.and_(accepted, pc.fill_null(pc.not_equal(batch[STATUS], UNCHANGED), True))
         accepted = accepted.to_numpy(zero_copy_only=False)
         units = batch.filter(pa.array(accepted))
-        vectors = self._embed(units)  # (rows, full dim) float32, one row per output chunk
-        rows = self._rows(units, vectors)
+        rows = self._embedded(units)
         rejected = batch.filter(pa.array(~accepted))
         out = pa.concat_tables([rows, self._passthrough(rejected, rows.schema)]) if rejected.num_rows else rows
 
@@ -154,45 +175,85 @@ class EmbedStage:
             out = out.append_column(name, pa.array(col))
         return out.append_column("_actor", pa.array([self.actor] * n, pa.string()))
 
-    def _embed(self, units: pa.Table) -> torch.Tensor:
+    def _embedded(self, units: pa.Table) -> pa.Table:
+        """Rows of accepted units: text chunks, then (with an --image-column) image rows."""
+        if not self.spec.images:
+            return self._text_rows(units)
+        is_image = pc.fill_null(pc.equal(units[MODALITY], "image"), False).to_numpy(zero_copy_only=False)
+        return pa.concat_tables([self._text_rows(units.filter(pa.array(~is_image))),
+                                 self._image_rows(units.filter(pa.array(is_image)))])
+
+    def _embed_text(self, units: pa.Table) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(chunks, full dim) vectors, and with --multi-vector each chunk's (tokens, 128) vectors: one forward."""
+        multi = self.spec.multi_vector
         if units.num_rows == 0:
-            return torch.empty((0, self.encoder.dim))
+            return torch.empty((0, self.encoder.dim)), [] if multi else None
         seqs = [np.asarray(x, dtype=np.int64) for x in units[IDS].to_pylist()]
         tasks = self.task_ids * len(seqs)
         if not self.spec.late:
-            return self.encoder.embed_ids(seqs, tasks)
+            return self.encoder.embed_ids_with_multi(seqs, tasks) if multi else (self.encoder.embed_ids(seqs, tasks), None)
         spans = [np.asarray(s, dtype=np.int64).reshape(-1, 2) for s in units[TOKEN_SPANS].to_pylist()]
-        per_doc = self.encoder.embed_id_spans(seqs, spans, tasks, window=self.spec.window, overlap=self.spec.overlap)
-        return torch.cat(per_doc) if per_doc else torch.empty((0, self.encoder.dim))
+        window = {"window": self.spec.window, "overlap": self.spec.overlap}
+        if multi:
+            per_doc, per_doc_multi = self.encoder.embed_id_spans_with_multi(seqs, spans, tasks, **window)
+            return torch.cat(per_doc), [m for doc in per_doc_multi for m in doc]
+        per_doc = self.encoder.embed_id_spans(seqs, spans, tasks, **window)
+        return torch.cat(per_doc), None
 
-    def _rows(self, units: pa.Table, vectors: torch.Tensor) -> pa.Table:
+    def _text_rows(self, units: pa.Table) -> pa.Table:
         """One row per chunk: spans expand documents (late chunking) or map 1:1 (other modes)."""
+        vectors, multi = self._embed_text(units)
         char_spans = [np.asarray(s, dtype=np.int64).reshape(-1, 2) for s in units[CHAR_SPANS].to_pylist()]
         counts = np.array([len(s) for s in char_spans], dtype=np.int64)
         if counts.sum() != vectors.shape[0]:
             raise AssertionError("chunk count does not match vector count: this is a bug")
-        take = pa.array(np.repeat(np.arange(units.num_rows), counts))
+        unit_of_chunk = np.repeat(np.arange(units.num_rows), counts)
         texts = units["text"].to_pylist()
         first = units[FIRST_CHUNK].to_numpy()
         spans = np.concatenate(char_spans) if len(char_spans) else np.zeros((0, 2), np.int64)
         chunk = np.concatenate([first[i] + np.arange(c) for i, c in enumerate(counts)]) if len(counts) else spans[:, 0]
-        chunk_text = [texts[u][s:e] for u, (s, e) in zip(np.repeat(np.arange(units.num_rows), counts), spans, strict=True)]
+        chunk_text = [texts[u][s:e] for u, (s, e) in zip(unit_of_chunk, spans, strict=True)]
+        return self._table(units, unit_of_chunk, chunk, spans, chunk_text, vectors, multi, "text")
+
+    def _image_rows(self, units: pa.Table) -> pa.Table:
+        """One row per image unit; its bytes decoded and preprocessed here, on the actor's CPU (see pipeline.images)."""
+        prepared = [self.encoder.images.prepare(data, i) for i, data in enumerate(units[IMAGE].to_pylist())]
+        tasks = self.task_ids * len(prepared)
+        multi = None
+        if not prepared:
+            vectors, multi = torch.empty((0, self.encoder.dim)), [] if self.spec.multi_vector else None
+        elif self.spec.multi_vector:
+            vectors, multi = self.encoder.embed_images_with_multi(prepared, tasks)
+        else:
+            vectors = self.encoder.embed_images(prepared, tasks)
+        n = units.num_rows
+        return self._table(units, np.arange(n), units[FIRST_CHUNK].to_numpy(), np.zeros((n, 2), np.int64), [""] * n,
+                           vectors, multi, "image")
+
+    def _table(self, units: pa.Table, unit_of_row: np.ndarray, chunk: np.ndarray, spans: np.ndarray, texts: list[str],
+               vectors: torch.Tensor, multi: list[torch.Tensor] | None, modality: str) -> pa.Table:
+        take = pa.array(unit_of_row, pa.int64())
+        n = len(unit_of_row)
         cols: dict[str, pa.Array] = {
             "id": units["id"].take(take),
             "chunk": pa.array(chunk, pa.int32()),
             "start": pa.array(spans[:, 0], pa.int32()),
             "end": pa.array(spans[:, 1], pa.int32()),
-            "text": pa.array(chunk_text, pa.string()),
+            "text": pa.array(texts, pa.string()),
         }
         np_dtype = np.float16 if self.spec.vector_dtype == "float16" else np.float32
         for d in self.spec.dims:
             v = self.encoder.finalize(vectors, d, normalize=True).astype(np_dtype)
             cols[vector_column(d)] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), d)
+        if multi is not None:
+            cols[MULTIVECTOR] = multivector_array(multi, np_dtype)
+        if self.spec.images:
+            cols[MODALITY] = pa.array([modality] * n, pa.string())
         cols["content_hash"] = units["content_hash"].take(take)
-        cols["model"] = pa.array([self.model_identity] * len(chunk), pa.string())
+        cols["model"] = pa.array([self.model_identity] * n, pa.string())
         for c in self.spec.keep_columns:
             cols[c] = units[c].take(take)
-        cols[REJECT] = pa.nulls(len(chunk), pa.string())
+        cols[REJECT] = pa.nulls(n, pa.string())
         for c in PER_UNIT:
             if c in units.column_names:
                 cols[c] = units[c].take(take)

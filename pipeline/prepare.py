@@ -58,6 +58,7 @@ class PrepareSpec:
     model: str
     task: str | None
     window: int  # tokens per model window (model maximum or --max-length)
+    prompt: str | None = None  # jina-v4's query | passage (its prefix depends on it as well as on the task)
     storage_options: tuple[tuple[str, str], ...] = ()
     revision: str | None = None  # the driver's content hash: workers need not hash the weights again
     image_storage: StorageConfig | None = None  # reads an --image-column's paths/URLs (the job's storage options)
@@ -308,7 +309,7 @@ def fetcher(storage: StorageConfig | None) -> Fetch:
 
 def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingConfig, tokenizer: TextTokenizer,
                   task: str | None, lookup: LookupSpec | None = None, ids_index: LookupSpec | None = None,
-                  fetch: Fetch | None = None) -> pa.Table:
+                  fetch: Fetch | None = None, prompt: str | None = None) -> pa.Table:
     """Documents -> units, one row per unit in input order, kept and provenance columns along; no timing column.
 
     `tokenizer` truncates at the job's window. The dry-run estimate (`pipeline.plan`) calls this too,
@@ -346,7 +347,8 @@ def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingCo
         if d.status == UNCHANGED:
             units.unchanged(d)
     todo = [d for d in docs if d.status != UNCHANGED]
-    _units_for(chunking)([d for d in todo if d.text], tokenizer, tokenizer.prefix(task), chunking, units)
+    prefix = tokenizer.prefix(task, prompt) if prompt else tokenizer.prefix(task)
+    _units_for(chunking)([d for d in todo if d.text], tokenizer, prefix, chunking, units)
     if images is not None:
         chunks: Counter[int] = Counter()  # text chunks per input row: the image row's chunk number
         for r, m, spans in zip(units.rows, units.columns[MODALITY], units.columns[CHAR_SPANS], strict=True):
@@ -362,7 +364,7 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec) -> pa.Table:
     """The stage: `prepare_units` with the worker's tokenizer, and its time on the first row (`_prepare_s`)."""
     t0 = time.perf_counter()
     out = prepare_units(batch, source=spec.source, chunking=spec.chunking, tokenizer=_tokenizer(spec), task=spec.task,
-                        lookup=spec.lookup, ids_index=spec.ids_index, fetch=fetcher(spec.image_storage))
+                        lookup=spec.lookup, ids_index=spec.ids_index, fetch=fetcher(spec.image_storage), prompt=spec.prompt)
     seconds, source_rows = np.zeros(out.num_rows), np.zeros(out.num_rows, np.int64)
     if out.num_rows:
         seconds[0] = time.perf_counter() - t0

@@ -30,12 +30,12 @@ from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.partitions import Partitions, select, with_partition_columns
 from pipeline.preflight import preflight
-from pipeline.prepare import REJECT, SOURCE_ROWS, PrepareSpec, prepare_batch
+from pipeline.prepare import MODALITY, REJECT, SOURCE_ROWS, PrepareSpec, prepare_batch
 from pipeline.read import ParquetShards, column_roles, read_source, skip_recorder, skipped_files
 from pipeline.report import build_report, save_report
 from pipeline.sink import build_vector_indexes, table_uri, write_dataset
 from pipeline.storage import StorageConfig
-from pipeline.table_meta import TableMetadata
+from pipeline.table_meta import MULTIVECTOR, MULTIVECTOR_DIM, TableMetadata
 
 log = logging.getLogger("embedlake")
 
@@ -50,6 +50,7 @@ class ResolvedJob:
     info: EncoderInfo
     tokenizer: TextTokenizer
     task: str | None
+    prompt: str | None  # the models with prompts (jina-v4): the documents' prompt, else None
     dims: tuple[int, ...]
     window: int
     actors: int
@@ -69,6 +70,7 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDesc
     if task is not None and task not in info.tasks:
         raise ValueError(f"unknown task {task!r} for {info.name}; valid tasks: {', '.join(info.tasks) or 'none'}")
     dims = info.check_dims(cfg.encode.dims) or (info.dim,)
+    prompt = check_capabilities(cfg, info)
     window = min(cfg.chunking.max_length or info.max_length, info.max_length)
     resources = cluster if cluster is not None else ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -86,6 +88,7 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDesc
         info=info,
         tokenizer=described.tokenizer,
         task=task,
+        prompt=prompt,
         dims=dims,
         window=window,
         actors=actors,
@@ -94,6 +97,27 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDesc
         prepare_tasks=prepare_tasks,
         storage=storage,
     )
+
+
+def check_capabilities(cfg: JobConfig, info: EncoderInfo) -> str | None:
+    """The options only some models serve (prompts, multi-vectors, images), checked against this one; returns
+    the documents' prompt (None for models without prompts)."""
+    prompt = cfg.encode.prompt
+    if not info.prompts:
+        if prompt is not None:
+            raise ValueError(f"--prompt is for models with query/passage prompts (jina-v4); {info.name} "
+                             f"({info.family}) takes none: its tasks carry their instruction")
+    else:
+        prompt = info.default_prompt if prompt is None else prompt
+        if prompt not in info.prompts:
+            raise ValueError(f"--prompt must be one of {', '.join(info.prompts)} for {info.name}; got {prompt!r}")
+    if cfg.encode.multi_vector and info.multi_vector_dim != MULTIVECTOR_DIM:
+        raise ValueError(f"--multi-vector needs a model with {MULTIVECTOR_DIM}-d per-token vectors (jina-v4); "
+                         f"{info.name} ({info.family}) has {info.multi_vector_dim or 'none'}")
+    if cfg.source.image_column and "image" not in info.modalities:
+        raise ValueError(f"--image-column needs a model that embeds images (jina-v4); {info.name} ({info.family}) "
+                         "embeds text only")
+    return prompt
 
 
 def output_schema(job: ResolvedJob, source: pa.Schema, partition_keys: tuple[str, ...] = ()) -> pa.Schema:
@@ -107,12 +131,23 @@ def output_schema(job: ResolvedJob, source: pa.Schema, partition_keys: tuple[str
         pa.field("end", pa.int32()),
         pa.field("text", pa.string()),
         *[pa.field(vector_column(d), pa.list_(vtype, d)) for d in job.dims],
+        *([pa.field(MULTIVECTOR, pa.list_(pa.list_(vtype, MULTIVECTOR_DIM)))] if job.cfg.encode.multi_vector else []),
+        *([pa.field(MODALITY, pa.string())] if job.cfg.source.image_column else []),
         pa.field("content_hash", pa.string()),
         pa.field("model", pa.string()),
         *[source.field(c) for c in job.cfg.source.keep_columns],
         *[pa.field(k, pa.string()) for k in partition_keys],
     ]
     return pa.schema(fields)
+
+
+def query_task(job: ResolvedJob) -> str | None:
+    """The task queries of this table are embedded with. Documents under the model's default task pair with its
+    query task (jina-v3: retrieval.passage -> retrieval.query). Any other task is symmetric and queries use it too;
+    so do models whose prompt, not task, tells queries from documents (jina-v4: the adapter must be the same)."""
+    if job.info.prompts or job.task != job.info.default_task:
+        return job.task
+    return job.info.query_task
 
 
 def table_metadata(job: ResolvedJob, kind: str, partitions: str | None = None) -> TableMetadata:
@@ -126,7 +161,7 @@ def table_metadata(job: ResolvedJob, kind: str, partitions: str | None = None) -
         model_ref=cfg.encode.model,
         model_family=job.info.family,
         task=job.task,
-        query_task=job.info.query_task,
+        query_task=query_task(job),
         dims=job.dims,
         vector_dtype=cfg.encode.vector_dtype,
         precision=cfg.encode.precision,
@@ -134,6 +169,10 @@ def table_metadata(job: ResolvedJob, kind: str, partitions: str | None = None) -
                   "chunk_sentences": cfg.chunking.chunk_sentences, "late": cfg.chunking.late and cfg.chunking.mode != "none",
                   "window": job.window, "overlap": cfg.chunking.overlap},
         written_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        prompt=job.prompt,
+        query_prompt=job.info.query_prompt,
+        multi_vector=cfg.encode.multi_vector,
+        image_column=cfg.source.image_column,
     )
     vector_settings = {k: v for k, v in meta.to_metadata().items() if k not in ("run_id", "job_key", "state", "written_at")}
     # --on-bad-file is no part of the command's identity: a run failed on a bad file resumes with `skip`.
@@ -164,6 +203,7 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
         units_source = dataclasses.replace(cfg.source, keep_columns=cfg.source.keep_columns + partitions.keys)
     model_options = tuple(sorted(job.storage.fsspec_options(cfg.encode.model).items()))  # for s3:// model dirs
     prep = PrepareSpec(source=units_source, chunking=cfg.chunking, model=cfg.encode.model, task=job.task,
+                       prompt=job.prompt, image_storage=job.storage if cfg.source.image_column else None,
                        window=job.window, storage_options=model_options, revision=job.info.revision,
                        tokenizer_ref=ray.put(job.tokenizer), lookup=lookup, ids_index=ids_index)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep}, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
@@ -171,6 +211,9 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
     spec = EmbedSpec(
         model=cfg.encode.model,
         task=job.task,
+        prompt=job.prompt,
+        multi_vector=cfg.encode.multi_vector,
+        images=bool(cfg.source.image_column),
         dims=job.dims,
         vector_dtype=cfg.encode.vector_dtype,
         precision=cfg.encode.precision,
@@ -260,7 +303,7 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
     indexes = {}
     if cfg.sink.index:
-        cols = [vector_column(d) for d in job.dims]
+        cols = table_metadata(job, mode).vector_columns()
         indexes = build_vector_indexes(cfg.sink.db, cfg.sink.table, cols, job.storage.lance_options())
     report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes,
                           files_skipped=skipped_files(skipped))

@@ -15,8 +15,13 @@ from typing import Literal
 
 State = Literal["running", "complete"]
 
+MULTIVECTOR_DIM = 128  # jina-v4's multi-vector projector output (config `multi_vector_projector_dim`)
+MULTIVECTOR = f"multivector_{MULTIVECTOR_DIM}"  # list<fixed_size_list<float, 128>>: LanceDB's multivector layout
+
 # The settings that decide what a vector means: a table embedded with other values is not comparable.
-VECTOR_SETTINGS = ("model", "task", "dims", "vector_dtype", "precision", "chunking")
+VECTOR_SETTINGS = ("model", "task", "prompt", "dims", "multi_vector", "vector_dtype", "precision", "chunking")
+# Fields added after tables existed, with the value that a table written before them has.
+LATER_FIELDS = {"prompt": "", "query_prompt": "", "multi_vector": "False", "image_column": ""}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class TableMetadata:
     precision: str
     chunking: dict = field(default_factory=dict)  # mode, sizes, late, window, overlap
     written_at: str = ""
+    prompt: str | None = None  # jina-v4: the prompt documents were embedded with (passage)
+    query_prompt: str | None = None  # jina-v4: the prompt queries need (query)
+    multi_vector: bool = False  # the table has the per-token column (multivector_128)
+    image_column: str | None = None  # the source's image column: the table has image rows (`modality`)
 
     def to_metadata(self) -> dict[str, str]:
         record = asdict(self)
@@ -44,6 +53,7 @@ class TableMetadata:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], *, where: str = "table") -> TableMetadata:
+        meta = {**LATER_FIELDS, **meta}
         missing = [f.name for f in fields(cls) if f.name not in meta and f.name != "written_at"]
         if missing:
             raise ValueError(
@@ -64,10 +74,15 @@ class TableMetadata:
             precision=meta["precision"],
             chunking=json.loads(meta["chunking"]),
             written_at=meta.get("written_at", ""),
+            prompt=meta["prompt"] or None,
+            query_prompt=meta["query_prompt"] or None,
+            multi_vector=meta["multi_vector"] == "True",
+            image_column=meta["image_column"] or None,
         )
 
     def vector_columns(self) -> list[str]:
-        return [f"vector_{d}" for d in self.dims]
+        """The columns a query can search: one per dim, then the multivector column if the table has it."""
+        return [f"vector_{d}" for d in self.dims] + ([MULTIVECTOR] if self.multi_vector else [])
 
     def setting_differences(self, requested: TableMetadata) -> list[str]:
         """`name: table has X, requested Y` for every vector-defining setting that differs."""

@@ -132,3 +132,11 @@ def _ray_reinit(request: pytest.FixtureRequest) -> None:
 
     if not ray.is_initialized():
         _init_ray(request.getfixturevalue("moto_s3").env)
+
+
+@pytest.fixture(scope="session")
+def tiny_jina_v4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random jina-embeddings-v4 checkpoint directory in the published layout (tiny_jina_v4.py), seed 0."""
+    from tiny_jina_v4 import build
+
+    return build(tmp_path_factory.mktemp("tiny_jina_v4") / "jina-embeddings-v4-tiny", seed=0)

@@ -1,4 +1,4 @@
-"""Fixtures for the model tests: the packaged MiniLM, tiny random jina-embeddings-v3 and v4 checkpoints."""
+"""Fixtures for the model tests: the packaged MiniLM, a tiny random jina-embeddings-v3 checkpoint (v4: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,3 @@ def minilm():
 def tiny_jina_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random jina-embeddings-v3 checkpoint directory (hidden 32, 2 layers, 4 heads), seed 0."""
     return make_tiny_jina(tmp_path_factory.mktemp("tiny_jina") / "jina-embeddings-v3-tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_jina_v4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random jina-embeddings-v4 checkpoint directory in the published layout (tiny_jina_v4.py), seed 0."""
-    from tiny_jina_v4 import build
-
-    return build(tmp_path_factory.mktemp("tiny_jina_v4") / "jina-embeddings-v4-tiny", seed=0)

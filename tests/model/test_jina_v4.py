@@ -274,3 +274,46 @@ def test_s3_and_hub_references_load_the_same_model(tiny_jina_v4_dir, encoders, s
     enc = load_encoder("jinaai/jina-embeddings-v4", device="cpu", dtype=torch.float32)
     assert enc.info.name == "jinaai/jina-embeddings-v4" and enc.info.revision == commit[:12]
     np.testing.assert_allclose(enc.encode(TEXTS[:2], task="code"), expected, atol=1e-6)
+
+
+# -- both outputs from one forward pass (what the pipeline's --multi-vector runs) -----------------------------
+
+
+def test_single_and_multi_from_one_forward_equal_the_separate_calls(encoders):
+    _, packed = encoders
+    seqs = packed.tokenizer.encode(TEXTS, ["Passage: "] * len(TEXTS))
+    tasks = [0, 1, 2, 0]
+    pooled, multi = packed.embed_ids_with_multi(seqs, tasks)
+    torch.testing.assert_close(pooled, packed.embed_ids(seqs, tasks), atol=1e-6, rtol=0)
+    for got, want in zip(multi, packed.embed_ids_multi(seqs, tasks), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+    prepared = packed.images.prepare_all(images())
+    pooled, multi = packed.embed_images_with_multi(prepared, [1, 0, 2])
+    torch.testing.assert_close(pooled, packed.embed_images(prepared, [1, 0, 2]), atol=1e-6, rtol=0)
+    for got, want, image in zip(multi, packed.embed_images_multi(prepared, [1, 0, 2]), prepared, strict=True):
+        assert got.shape == (len(image), 128)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_late_chunking_with_multi_gives_each_span_its_tokens(encoders):
+    """Span means as `embed_id_spans`; each span's token vectors are the whole document's, sliced (causal: the
+    same states), also when long late chunking windows the document."""
+    _, packed = encoders
+    text, spans = _doc()
+    doc = packed.tokenizer.encode_with_offsets([text], ["Passage: "])[0]
+    from model.tokenization import token_spans
+
+    tspans = token_spans(doc, spans)
+    pooled, multi = packed.embed_id_spans_with_multi([doc.ids], [tspans], [2])
+    torch.testing.assert_close(pooled[0], packed.embed_id_spans([doc.ids], [tspans], [2])[0], atol=1e-6, rtol=0)
+    (whole,) = packed.embed_ids_multi([doc.ids], [2])
+    assert [len(m) for m in multi[0]] == [e - s for s, e in tspans.tolist()]
+    torch.testing.assert_close(torch.cat(multi[0]), whole, atol=1e-5, rtol=0)  # the spans tile the document
+
+    n = len(doc.ids)
+    pooled_w, multi_w = packed.embed_id_spans_with_multi([doc.ids], [tspans], [2], window=n // 3, overlap=n // 12)
+    torch.testing.assert_close(pooled_w[0], packed.embed_id_spans([doc.ids], [tspans], [2], window=n // 3,
+                                                                  overlap=n // 12)[0], atol=1e-6, rtol=0)
+    assert [len(m) for m in multi_w[0]] == [e - s for s, e in tspans.tolist()]
+    torch.testing.assert_close(torch.cat(multi_w[0])[: n // 3], whole[: n // 3], atol=1e-5, rtol=0)  # first window
