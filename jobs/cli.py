@@ -262,7 +262,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         image = StorageConfig.from_env(options).fsspec_filesystem(args.image).cat_file(args.image)
         if problem := decode_problem(image):
             raise ValueError(f"--image {args.image}: {problem}")
-    hits = search(args.db, args.table, args.text, image=image, column=args.column, k=args.k, storage_options=options)
+    hits = search(args.db, args.table, args.text, image=image, column=args.column, k=args.k, modality=args.modality,
+                  storage_options=options)
     if args.json:
         print(json.dumps(hits, indent=2))
         return 0
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--column", help="vector column, e.g. vector_256, or multivector_128 to rank by late "
                                         "interaction (MaxSim) (default: the first dim)")
     query.add_argument("-k", type=int, default=10, help="hits to print (default: 10)")
+    query.add_argument("--modality", help="only rows of this modality, text or image (tables with an --image-column)")
     query.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="object store option (repeatable)")
     query.add_argument("--json", action="store_true", help="print hits as JSON")
     query.set_defaults(func=cmd_query)

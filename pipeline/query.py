@@ -22,6 +22,7 @@ from pipeline.sink import read_table_metadata, table_uri
 from pipeline.storage import StorageConfig
 from pipeline.table_meta import MULTIVECTOR, TableMetadata
 
+MODALITIES = ("text", "image")
 MAXSIM_OVERFETCH = 4  # candidates per hit asked of an indexed multivector search, before exact MaxSim reranks
 
 
@@ -90,16 +91,22 @@ def _hit(h: dict, score: float) -> dict:
             **({"modality": h["modality"]} if "modality" in h else {})}
 
 
-def ranked(side: QuerySide, query: np.ndarray, k: int) -> list[dict]:
-    """Top-k chunks for one embedded query (a vector, or token vectors on the multivector column)."""
+def ranked(side: QuerySide, query: np.ndarray, k: int, modality: str | None = None) -> list[dict]:
+    """Top-k chunks for one embedded query (a vector, or token vectors on the multivector column), of one
+    `modality` only if given (a filter applied before the search, so k hits come back when k exist)."""
     columns = ["id", "chunk", "text", *(["modality"] if side.meta.image_column else [])]
+    search = side.table.search(query, vector_column_name=side.column).distance_type("cosine")
+    if modality is not None:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}; got {modality!r}")
+        if not side.meta.image_column:
+            raise ValueError("this table has no image rows (it was embedded without --image-column): every row is text")
+        search = search.where(f"modality = '{modality}'", prefilter=True)
     if not side.multi:
-        hits = (side.table.search(query, vector_column_name=side.column).distance_type("cosine").limit(k)
-                .select([*columns, "_distance"]).to_list())
+        hits = search.limit(k).select([*columns, "_distance"]).to_list()
         return [_hit(h, 1.0 - h["_distance"]) for h in hits]
     indexed = any(side.column in idx.columns for idx in side.table.list_indices())
-    candidates = (side.table.search(query, vector_column_name=side.column).distance_type("cosine")
-                  .limit(k * MAXSIM_OVERFETCH if indexed else k).select([*columns, side.column]).to_list())
+    candidates = search.limit(k * MAXSIM_OVERFETCH if indexed else k).select([*columns, side.column]).to_list()
     scored = [(maxsim(query, np.asarray(h[side.column], dtype=np.float32)), h) for h in candidates]
     scored.sort(key=lambda sh: -sh[0])
     return [_hit(h, score) for score, h in scored[:k]]
@@ -113,6 +120,7 @@ def search(
     image: bytes | None = None,
     column: str | None = None,
     k: int = 10,
+    modality: str | None = None,
     storage_options: dict | None = None,
 ) -> list[dict]:
     """Top-k chunks for a text or an image query: id, chunk, score (cosine, or MaxSim on the multivector
@@ -121,4 +129,4 @@ def search(
         raise ValueError("give a query text or a query image, one of them")
     side = open_for_queries(db, table, column, StorageConfig.from_env(storage_options))
     query = side.embed([text])[0] if text is not None else side.embed_images([image])[0]
-    return ranked(side, np.asarray(query, dtype=np.float32), k)
+    return ranked(side, np.asarray(query, dtype=np.float32), k, modality)

@@ -138,7 +138,7 @@ def test_rows_are_text_chunks_and_images_and_counts_reconcile(local_job, v4):
 
 
 def test_a_text_query_ranks_by_maxsim_across_text_and_image_rows(local_job, v4):
-    cfg, _, _, rows = local_job
+    cfg, _, source, rows = local_job
     query = "A man is playing a guitar."
     q = v4.encode_multi([query], task="retrieval", prompt="query")[0]
     true = sorted(((maxsim(q, np.asarray(r["multivector_128"])), r["id"], r["chunk"]) for r in rows.to_pylist()),
@@ -146,6 +146,16 @@ def test_a_text_query_ranks_by_maxsim_across_text_and_image_rows(local_job, v4):
     hits = search(cfg.sink.db, "mixed", query, column="multivector_128", k=3)
     assert [(h["id"], h["chunk"]) for h in hits] == [(i, c) for _, i, c in true[:3]]
     np.testing.assert_allclose([h["score"] for h in hits], [s for s, _, _ in true[:3]], rtol=1e-3)
+
+    # Text finds images: of the six image rows, the one whose tokens best answer the query's (by MaxSim computed
+    # here from the encoder's own output, not from the table) is the top hit among images.
+    images = [r for r in source.to_pylist() if r["image"] is not None and r["id"] != "bad-image"]
+    scores = {r["id"]: maxsim(q, v4.encode_multi([r["image"]], task="retrieval")[0]) for r in images}
+    hits = search(cfg.sink.db, "mixed", query, column="multivector_128", k=6, modality="image")
+    assert [h["id"] for h in hits] == sorted(scores, key=lambda i: -scores[i])
+    assert {h["modality"] for h in hits} == {"image"}
+    with pytest.raises(ValueError, match="modality must be one of text, image"):
+        search(cfg.sink.db, "mixed", query, modality="video")
 
 
 def test_an_image_query_finds_its_image_by_maxsim_and_by_vector(local_job, v4):
@@ -206,11 +216,15 @@ def test_the_cli_embeds_and_queries_with_images(local_job, tiny_jina_v4_dir, tmp
     db = str(tmp_path / "db")
     assert main(["embed", "--input", cfg.source.input, "--output", db, "--table", "cli", "--model",
                  str(tiny_jina_v4_dir), "--task", "code", "--prompt", "passage", "--dims", "32", "--image-column",
-                 "image", "--multi-vector", "--chunking", "sentences", "--actors", "1", "--precision", "float32"]) == 0
+                 "image", "--multi-vector", "--chunking", "sentences", "--actors", "1", "--precision", "float32",
+                 "--vector-dtype", "float16"]) == 0
     meta = read_table_metadata(table_uri(db, "cli"), {})
     assert (meta.task, meta.prompt, meta.multi_vector, meta.vector_columns()) == (
         "code", "passage", True, ["vector_32", "multivector_128"])
     assert (meta.query_task, meta.query_prompt) == ("code", "query")  # the documents' adapter, the query prompt
+    schema = lancedb.connect(db).open_table("cli").schema
+    assert schema.field("multivector_128").type == pa.list_(pa.list_(pa.float16(), 128))
+    assert schema.field("vector_32").type == pa.list_(pa.float16(), 32)
     image = tmp_path / "q.png"
     image.write_bytes(source.filter(pa.compute.equal(source["id"], "image-0"))["image"][0].as_py())
     capsys.readouterr()
