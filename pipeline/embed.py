@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -22,11 +23,14 @@ import torch
 
 from model import load_encoder
 from pipeline.diff import UNCHANGED
+from pipeline.elastic import actor_call
 from pipeline.prepare import CHAR_SPANS, DOC_CHUNKS, FIRST_CHUNK, IDS, REJECT, STATUS, TOKEN_SPANS
 from pipeline.read import SOURCE_FILE, SOURCE_ROW
 
 # Internal columns every output row of a unit carries on to the writer (not summed as stats).
 PER_UNIT = (STATUS, DOC_CHUNKS, SOURCE_FILE, SOURCE_ROW)
+
+log = logging.getLogger("embedlake")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class EmbedStage:
         self.gpu_ids = _assigned_gpus()
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU; without CUDA the encoder runs on CPU.
         device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
+        if self.gpu_ids and device == "cpu":  # a logical GPU without CUDA (a test cluster, a bad image)
+            log.warning("encoder actor got GPU %s but torch sees no CUDA: encoding on CPU", ",".join(self.gpu_ids))
         if device == "cpu" and spec.cpu_threads:
             torch.set_num_threads(spec.cpu_threads)
         self.encoder = load_encoder(
@@ -124,7 +130,7 @@ class EmbedStage:
             self.encoder.embed_ids(*warmup_batch(self.encoder, self.spec.window, self.task_ids[0]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
+        started, t0 = time.time(), time.perf_counter()
         before = (self.encoder.stats.real_tokens, self.encoder.stats.computed_tokens)
         accepted = pc.is_null(batch[REJECT])
         if STATUS in batch.column_names:  # unchanged documents pass through to be counted, not embedded
@@ -152,7 +158,10 @@ class EmbedStage:
             if n:
                 col[0] = value
             out = out.append_column(name, pa.array(col))
-        return out.append_column("_actor", pa.array([self.actor] * n, pa.string()))
+        out = out.append_column("_actor", pa.array([self.actor] * n, pa.string()))
+        # This call's span, once (first row): the report's count of busy actors over time (pipeline.elastic).
+        call = [actor_call(self.actor, started, time.time())] + [None] * (n - 1) if n else []
+        return out.append_column("_actor_call", pa.array(call, pa.string()))
 
     def _embed(self, units: pa.Table) -> torch.Tensor:
         if units.num_rows == 0:

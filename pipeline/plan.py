@@ -105,6 +105,7 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
         "dims": list(job.dims),
         "window": job.window,
         "actors": job.actors,
+        "min_actors": job.min_actors,
         "device": device,
         "precision": cfg.encode.precision,
         "estimated_batches": int(np.ceil(est_tokens / budget)) if est_tokens else 0,
@@ -117,6 +118,10 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
         "files_skipped": skipped,
         "problems": problems,
     }
+
+
+def _pool(plan: dict) -> str:
+    return str(plan["actors"]) if plan["min_actors"] == plan["actors"] else f"{plan['min_actors']}..{plan['actors']}"
 
 
 def format_plan(plan: dict) -> str:
@@ -132,7 +137,7 @@ def format_plan(plan: dict) -> str:
         f"  estimated tokens {plan['estimated_tokens']}  chunks {plan['estimated_chunks']}"
         f"  output ~{plan['estimated_output_bytes'] / 1e6:.1f} MB",
         f"  model {plan['model']}  task {plan['task']}  dims {plan['dims']}  window {plan['window']}",
-        f"  plan: {plan['actors']} {plan['device']} actor(s) at precision {plan['precision']},"
+        f"  plan: {_pool(plan)} {plan['device']} actor(s) at precision {plan['precision']},"
         f" ~{plan['estimated_batches']} batches of"
         f" {plan['max_batch_tokens']} tokens",
         f"  estimated duration {plan['estimated_seconds']} s at {plan['tokens_per_second_per_actor']:.0f} tokens/s"
