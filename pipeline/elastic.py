@@ -31,6 +31,7 @@ class PoolLayout:
     min_actors: int
     max_actors: int
     why: str  # one line for the log: how the device and the size were chosen
+    initial_actors: int | None = None  # actors the pool starts (pending ones are the autoscaler's demand)
 
 
 def choose_layout(device: Device, actors: ActorRange | None, *, gpus_now: int, max_gpus: int | None,
@@ -55,16 +56,21 @@ def choose_layout(device: Device, actors: ActorRange | None, *, gpus_now: int, m
         if actors is None:
             actors = ActorRange(1, None)
     if actors.max is not None:
-        return PoolLayout(device, actors.min, actors.max, f"{why}; actors {actors}")
-    if device == "gpu" and max_gpus:
+        high, size = actors.max, f"actors {actors}"
+    elif device == "gpu" and max_gpus:
         high = max(max_gpus, actors.min)
-        return PoolLayout(device, actors.min, high, f"{why}; actors {actors.min}..{high}: the autoscaler can "
-                                                    f"reach {max_gpus} GPU(s)")
-    reach = gpus_now if device == "gpu" else cpu_actors
-    high = max(reach, actors.min)
-    return PoolLayout(device, actors.min, high, f"{why}; actors {actors.min}..{high}: the autoscaler's limits are "
-                                                f"not readable, so up to the {reach} {device.upper()} actor(s) the "
-                                                f"cluster holds now (pass --actors MIN..MAX to go beyond)")
+        size = f"actors {actors.min}..{high}: the autoscaler can reach {max_gpus} GPU(s)"
+    else:
+        reach = gpus_now if device == "gpu" else cpu_actors
+        high = max(reach, actors.min)
+        size = (f"actors {actors.min}..{high}: the autoscaler's limits are not readable, so up to the {reach} "
+                f"{device.upper()} actor(s) the cluster holds now (pass --actors MIN..MAX to go beyond)")
+    # Ray Data 2.60 grows a pool only into resources the cluster has now, and its own requests to the
+    # autoscaler need a cluster config the OSS autoscaler does not report (and overwrite any the job makes
+    # with `request_resources`). So the pool starts at its maximum: its pending one-GPU actors are the
+    # demand the autoscaler adds GPU nodes for, and encoding starts as soon as the first is up.
+    initial = high if device == "gpu" and high > gpus_now else None
+    return PoolLayout(device, actors.min, high, f"{why}; {size}", initial)
 
 
 def actor_call(actor: str, start: float, end: float) -> str:

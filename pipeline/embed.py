@@ -67,7 +67,8 @@ def _node_id() -> str:
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
+        # Whole: ids that share a prefix exist (Ray's fake autoscaler numbers its nodes f...f00001, ...).
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except Exception:
         return "local"
 

@@ -62,6 +62,7 @@ class ResolvedJob:
     prepare_tasks: int  # concurrent read+prepare tasks: the cores the actors leave free
     storage: StorageConfig
     layout_why: str = ""  # how device and pool size were chosen, for the log
+    initial_actors: int | None = None  # the pool's start size when it must ask the autoscaler for GPU nodes
 
 
 def resolve(cfg: JobConfig, *, cluster: dict | None = None, max_gpus: int | None = None,
@@ -105,6 +106,7 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None, max_gpus: int | None
         min_actors=layout.min_actors,
         gpus_per_actor=1 if layout.device == "gpu" else 0,
         layout_why=layout.why,
+        initial_actors=layout.initial_actors,
         cpu_threads=cpu_threads,
         prepare_tasks=prepare_tasks,
         storage=storage,
@@ -206,7 +208,8 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
         batch_format="pyarrow",
         # min < max: Ray Data adds actors while work queues and the autoscaler adds GPU nodes for them; an
         # actor lost with its node is restarted elsewhere and its blocks retried (max_restarts=-1).
-        compute=ray.data.ActorPoolStrategy(min_size=job.min_actors, max_size=job.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=job.min_actors, max_size=job.actors,
+                                           initial_size=job.initial_actors),
         num_gpus=job.gpus_per_actor,
         num_cpus=cfg.encode.cpus_per_actor,
     )

@@ -25,6 +25,7 @@ from pipeline.run import resolve
         ("gpu", None, 2, None, ("gpu", 1, 2)),  # limits unreadable: up to the GPUs up now
         ("gpu", None, 0, None, ("gpu", 1, 1)),  # nothing known: still one GPU actor, to make the autoscaler act
         ("gpu", "2..4", 0, 8, ("gpu", 2, 4)),
+        ("gpu", "2..4", 4, 8, ("gpu", 2, 4)),
         ("gpu", "2..", 0, 8, ("gpu", 2, 8)),
         ("gpu", "3..", 0, 2, ("gpu", 3, 3)),  # never below the minimum asked for
         ("gpu", "4", 0, None, ("gpu", 4, 4)),
@@ -70,3 +71,12 @@ def test_pool_timeline_counts_busy_actors_per_interval_and_names_the_nodes():
     assert pool["counts"] == [1, 2, 1, 0, 1]
     assert (pool["min"], pool["max"], pool["actors"], pool["nodes"]) == (0, 2, 3, ["n1", "n2", "n3"])
     assert pool_timeline({})["max"] == 0
+
+
+@pytest.mark.parametrize(("device", "actors", "gpus_now", "asked"),
+                         [("gpu", None, 0, 8), ("gpu", "1..2", 1, 2), ("gpu", "2..4", 4, None),
+                          ("auto", None, 2, None), ("cpu", "1..4", 0, None)])
+def test_the_pool_starts_full_only_to_ask_the_autoscaler_for_gpus_not_up(device, actors, gpus_now, asked):
+    layout = choose_layout(device, None if actors is None else ActorRange.of(actors), gpus_now=gpus_now,
+                           max_gpus=8, cpu_actors=3)
+    assert layout.initial_actors == asked
