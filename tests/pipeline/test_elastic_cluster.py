@@ -15,6 +15,7 @@ encoder actor, and how one is killed (all its processes, SIGKILL: a preempted sp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 HEAD_ID = "f" * 51 + "00000"  # the fake provider's head id; its workers are f...00001, f...00002, ...
 NODE_ID_VAR = b"RAY_OVERRIDE_NODE_ID_FOR_TESTING="
-ENCODER = b"EmbedStage"  # in the process title of Ray Data's encoder pool actors
+ENCODER = b"MapWorker"  # in the process title of Ray Data pool actors: here only the encoders
 N_DOCS = 160  # 20 encoder calls of 8 passages: long enough for a second GPU node to join and one to go
 RUN_S = 150
 
@@ -86,20 +87,29 @@ def gpu_cluster(tmp_path_factory) -> Iterator[LocalHead]:
 
 
 def _node_processes(head: LocalHead) -> dict[str, list[tuple[int, bytes]]]:
-    """The cluster's processes by node id: (pid, command line)."""
-    nodes: dict[str, list[tuple[int, bytes]]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    """The cluster's processes by node id: (pid, command line). Ray starts workers in sessions of their
+    own, so the cluster is the head's process group and every descendant of it."""
+    parents, info = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         pid = int(entry)
         try:
-            if os.getpgid(pid) != head.pgid:
-                continue
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ProcessLookupError):
-            continue  # gone meanwhile
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        parents[pid] = (int(stat[1]), int(stat[2]))  # (ppid, pgid)
         node = next((v[len(NODE_ID_VAR):].decode() for v in environ if v.startswith(NODE_ID_VAR)), HEAD_ID)
+        info[pid] = (node, cmdline)
+    ours = {pid for pid, (_, pgid) in parents.items() if pgid == head.pgid}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in parents.items() if ppid in ours} - ours
+        ours |= more
+        grew = bool(more)
+    nodes: dict[str, list[tuple[int, bytes]]] = {}
+    for pid in ours:
+        node, cmdline = info[pid]
         nodes.setdefault(node, []).append((pid, cmdline))
     return nodes
 
@@ -210,10 +220,8 @@ def test_a_gpu_node_lost_mid_run_costs_only_its_batches(gpu_cluster, tmp_path, p
             return
         victim = nodes[0]
         for pid, _ in _gpu_nodes(gpu_cluster).get(victim, []):
-            try:
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         killed.update({"node": victim, "rows": rows})
 
     report = _finish(job, tmp_path, during=preempt_one_node)
