@@ -97,7 +97,11 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
                                       "AVX512-BF16, else float32; float32 gives reference-exact vectors")
     _add_option(model, "--max-batch-tokens", "token budget per forward pass (default: the encoder's for its "
                                              "device; --dry-run prints it)")
-    _add_option(model, "--actors", "encoder actors (default: one per GPU, or a CPU count on CPU-only clusters)")
+    _add_option(model, "--device", "where encoder actors run: gpu asks for one-GPU actors even while no GPU node is "
+                                   "up (the autoscaler adds them); auto = gpu if a GPU is up at start, else cpu")
+    _add_option(model, "--actors", "encoder actors: N, or MIN..MAX for a pool that grows and shrinks with the GPU "
+                                   "nodes, MIN.. for up to the GPUs the autoscaler can reach (default: with --device "
+                                   "gpu 1.., otherwise one per GPU up, or a CPU count on CPU-only clusters)")
     _add_option(model, "--cpus-per-actor", "CPUs per encoder actor")
     _add_option(model, "--sort-window", "documents per encoder call, length-sorted inside")
 

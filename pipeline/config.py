@@ -26,6 +26,9 @@ VectorDType = Literal["float32", "float16"]
 Precision = Literal["auto", "float32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BadFilePolicy = Literal["fail", "skip"]  # pipeline.read: what a corrupt, truncated or ill-shaped input file does
+# Where encoder actors run (issue #17): auto = GPU if the cluster has one when the job starts, else CPU;
+# gpu = one-GPU actors even while no GPU node is up (the autoscaler adds them); cpu = never a GPU.
+Device = Literal["auto", "gpu", "cpu"]
 
 
 def option(default: Any = MISSING, *, flag: str | None = None, at_least: float | None = None,
@@ -95,6 +98,42 @@ def check_fields(cfg: Any) -> None:
 
 
 @dataclass(frozen=True)
+class ActorRange:
+    """The encoder pool's size: `N` (fixed), `MIN..MAX` (an autoscaling pool) or `MIN..` (up to the GPUs the
+    cluster can reach, decided by `pipeline.elastic`). Parsed here once; `max is None` only for `MIN..`."""
+
+    min: int
+    max: int | None
+
+    def __post_init__(self) -> None:
+        for value in (self.min, self.max):
+            if value is not None:
+                check_value("--actors", value, int, at_least=1)
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"--actors MIN..MAX needs MIN <= MAX, got {self}")
+
+    @classmethod
+    def of(cls, value: Any) -> ActorRange:
+        """An ActorRange from what flags, YAML or Python give: an int, "N", "MIN..MAX", "MIN..", or one already."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(value, value)
+        if isinstance(value, str):
+            low, dots, high = value.strip().partition("..")
+            if low.strip().isdigit() and (not dots or not high.strip() or high.strip().isdigit()):
+                return cls(int(low), (int(high) if high.strip() else None) if dots else int(low))
+        raise ValueError(f"--actors must be N, MIN..MAX or MIN.. (integers), got {str(value)!r}")
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+    def __str__(self) -> str:
+        return str(self.min) if self.fixed else f"{self.min}..{'' if self.max is None else self.max}"
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     input: str  # directory, glob or URL of Parquet files
     id_column: str = "id"
@@ -151,12 +190,16 @@ class EncodeConfig:
     precision: Precision = "auto"
     # None = the encoder's default for its device (model.loading.DEFAULT_MAX_BATCH_TOKENS)
     max_batch_tokens: int | None = option(None, at_least=1)
-    actors: int | None = option(None, at_least=1)  # None = one per GPU, or a CPU count on CPU-only clusters
+    device: Device = "auto"
+    # None = on gpu 1..the GPUs the cluster can reach; on auto/cpu one per GPU, or a CPU count (pipeline.elastic)
+    actors: ActorRange | None = None
     cpus_per_actor: float = option(1.0, above=0)
     # documents per actor call, sorted by length inside it (spec §4: >= 4k keeps ~97% fill)
     sort_window: int = option(4096, at_least=1)
 
     def __post_init__(self) -> None:
+        if self.actors is not None:  # `actors=4` or "1..4": the one parse, before the type check
+            object.__setattr__(self, "actors", ActorRange.of(self.actors))
         check_fields(self)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 
 from model import load_encoder
 from pipeline.diff import UNCHANGED
+from pipeline.elastic import actor_call
 from pipeline.prepare import (
     CHAR_SPANS,
     DOC_CHUNKS,
@@ -38,6 +40,8 @@ from pipeline.table_meta import MULTIVECTOR, MULTIVECTOR_DIM
 
 # Internal columns every output row of a unit carries on to the writer (not summed as stats).
 PER_UNIT = (STATUS, DOC_CHUNKS, SOURCE_FILE, SOURCE_ROW)
+
+log = logging.getLogger("embedlake")
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ def _node_id() -> str:
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
+        # Whole: ids that share a prefix exist (Ray's fake autoscaler numbers its nodes f...f00001, ...).
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except Exception:
         return "local"
 
@@ -127,6 +132,8 @@ class EmbedStage:
         self.gpu_ids = _assigned_gpus()
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU; without CUDA the encoder runs on CPU.
         device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
+        if self.gpu_ids and device == "cpu":  # a logical GPU without CUDA (a test cluster, a bad image)
+            log.warning("encoder actor got GPU %s but torch sees no CUDA: encoding on CPU", ",".join(self.gpu_ids))
         if device == "cpu" and spec.cpu_threads:
             torch.set_num_threads(spec.cpu_threads)
         self.encoder = load_encoder(
@@ -146,7 +153,7 @@ class EmbedStage:
             self.encoder.embed_ids(*warmup_batch(self.encoder, self.spec.window, self.task_ids[0]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
+        started, t0 = time.time(), time.perf_counter()
         before = (self.encoder.stats.real_tokens, self.encoder.stats.computed_tokens)
         accepted = pc.is_null(batch[REJECT])
         if STATUS in batch.column_names:  # unchanged documents pass through to be counted, not embedded
@@ -173,7 +180,10 @@ class EmbedStage:
             if n:
                 col[0] = value
             out = out.append_column(name, pa.array(col))
-        return out.append_column("_actor", pa.array([self.actor] * n, pa.string()))
+        out = out.append_column("_actor", pa.array([self.actor] * n, pa.string()))
+        # This call's span, once (first row): the report's count of busy actors over time (pipeline.elastic).
+        call = [actor_call(self.actor, started, time.time())] + [None] * (n - 1) if n else []
+        return out.append_column("_actor_call", pa.array(call, pa.string()))
 
     def _embedded(self, units: pa.Table) -> pa.Table:
         """Rows of accepted units: text chunks, then (with an --image-column) image rows."""

@@ -122,6 +122,7 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
         "dims": list(job.dims),
         "window": job.window,
         "actors": job.actors,
+        "min_actors": job.min_actors,
         "device": device,
         "precision": cfg.encode.precision,
         "estimated_batches": int(np.ceil(est_tokens / budget)) if est_tokens else 0,
@@ -136,6 +137,10 @@ def plan_job(cfg: JobConfig, *, tokens_per_second: float | None = None) -> dict:
         "files_skipped": skipped,
         "problems": problems,
     }
+
+
+def _pool(plan: dict) -> str:
+    return str(plan["actors"]) if plan["min_actors"] == plan["actors"] else f"{plan['min_actors']}..{plan['actors']}"
 
 
 def format_plan(plan: dict) -> str:
@@ -154,7 +159,7 @@ def format_plan(plan: dict) -> str:
             f" chunk): {plan['estimated_multivector_bytes'] / max(plan['estimated_vector_bytes'], 1):.0f}x the"
             f" single vectors"] if plan["estimated_multivector_bytes"] else []),
         f"  model {plan['model']}  task {plan['task']}  dims {plan['dims']}  window {plan['window']}",
-        f"  plan: {plan['actors']} {plan['device']} actor(s) at precision {plan['precision']},"
+        f"  plan: {_pool(plan)} {plan['device']} actor(s) at precision {plan['precision']},"
         f" ~{plan['estimated_batches']} batches of"
         f" {plan['max_batch_tokens']} tokens",
         f"  estimated duration {plan['estimated_seconds']} s at {plan['tokens_per_second_per_actor']:.0f} tokens/s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from pipeline.elastic import pool_timeline
 from pipeline.storage import StorageConfig, url_path
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ def build_report(job: dict, summary: CommitSummary, *, wall_s: float, indexes: d
             "embed": round(embed_s, 2),
         },
         "actors": summary.tallies.get("_actor", {}),
+        # The pool over time (issue #17): bounds asked for, actors busy per interval, nodes that ran encoders.
+        "encoder_pool": {"device": job["device"], "bounds": job["actor_bounds"],
+                         **pool_timeline(summary.tallies.get("_actor_call", {}))},
         "commits": summary.commits,
         "fragments": summary.fragments_committed,
         "indexes": indexes,
@@ -85,6 +89,12 @@ def save_report(report: dict, db: str, table: str, storage: StorageConfig) -> st
     return url
 
 
+def _format_pool(pool: dict) -> str:
+    low, high = pool["bounds"]
+    return (f"  encoder pool: {pool['device']} actors {low}..{high}, busy per {pool['interval_s']:.0f} s"
+            f" min {pool['min']} max {pool['max']}, on {len(pool['nodes'])} node(s)")
+
+
 def format_report(report: dict) -> str:
     lines = [
         f"run {report['run_id']}: {report['input']} -> {report['output']['db']} table {report['output']['table']}"
@@ -101,6 +111,7 @@ def format_report(report: dict) -> str:
         f"  wall {report['wall_s']} s  tokens/s {report['tokens_per_s']} (encoder {report['encoder_tokens_per_s']})"
         f"  stage seconds {report['stage_s']}",
         f"  actors {len(report['actors'])}  commits {report['commits']}  indexes {report['indexes'] or 'none'}",
+        _format_pool(report["encoder_pool"]),
     ]
     if report.get("files_skipped"):
         lines.append(f"  files skipped {report['files_skipped_count']} (--on-bad-file skip):")

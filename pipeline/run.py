@@ -1,7 +1,8 @@
 """The embed job end to end: read -> prepare -> embed -> write, streaming on Ray Data.
 
 `ParquetShards` read tasks fused with `prepare_batch` (tokenize, chunk, reject) -> `EmbedStage`
-actor pool (one per GPU, `num_gpus=1`; length-sorted token-budget batches inside each call) ->
+actor pool (`num_gpus=1` each on GPU; fixed, or growing with the GPU nodes: `pipeline.elastic`;
+length-sorted token-budget batches inside each call) ->
 `FragmentWriter` tasks (uncommitted Lance fragments) -> driver commits windows atomically.
 Every stage is sized to leave CPUs free for the others (an actor pool holding all CPUs deadlocks
 reads and writes: ray-lance spec §0.7).
@@ -27,10 +28,12 @@ from pipeline.commit import CommitSummary, LanceCommitter, Mode, Resume, commit_
 from pipeline.config import JobConfig
 from pipeline.dedup import index_source_ids, remove_ids
 from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
+from pipeline.elastic import choose_layout
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.partitions import Partitions, select, with_partition_columns
 from pipeline.preflight import preflight
 from pipeline.prepare import MODALITY, REJECT, SOURCE_ROWS, PrepareSpec, prepare_batch
+from pipeline.ray_shim import autoscaler_max_gpus
 from pipeline.read import ParquetShards, column_roles, read_source, skip_recorder, skipped_files
 from pipeline.report import build_report, save_report
 from pipeline.sink import build_vector_indexes, table_uri, write_dataset
@@ -53,15 +56,21 @@ class ResolvedJob:
     prompt: str | None  # the models with prompts (jina-v4): the documents' prompt, else None
     dims: tuple[int, ...]
     window: int
-    actors: int
+    actors: int  # the pool's maximum (its size when fixed)
+    min_actors: int  # below actors: an autoscaling pool (pipeline.elastic)
     gpus_per_actor: int
     cpu_threads: int  # torch threads of a CPU encoder actor
     prepare_tasks: int  # concurrent read+prepare tasks: the cores the actors leave free
     storage: StorageConfig
+    layout_why: str = ""  # how device and pool size were chosen, for the log
+    initial_actors: int | None = None  # the pool's start size when it must ask the autoscaler for GPU nodes
 
 
-def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDescription | None = None) -> ResolvedJob:
-    """`described`: the model as pre-flight found it (describing it again hashes its weights again)."""
+def resolve(cfg: JobConfig, *, cluster: dict | None = None, max_gpus: int | None = None,
+            described: ModelDescription | None = None) -> ResolvedJob:
+    """`described`: the model as pre-flight found it (describing it again hashes its weights again).
+    `cluster` (resources up now) and `max_gpus` (GPUs its autoscaler can reach, None: unknown) are read
+    from the connected Ray when `cluster` is None."""
     storage = StorageConfig.from_env(cfg.storage_options)
     if described is None:
         described = describe_model(cfg.encode.model, storage_options=storage.fsspec_options(cfg.encode.model))
@@ -72,17 +81,22 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDesc
     dims = info.check_dims(cfg.encode.dims) or (info.dim,)
     prompt = check_capabilities(cfg, info)
     window = min(cfg.chunking.max_length or info.max_length, info.max_length)
-    resources = cluster if cluster is not None else ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
-    default_actors = gpus if gpus else max(1, int(cpus // 2 // max(cfg.encode.cpus_per_actor, 1)))
-    actors = cfg.encode.actors or default_actors
+    if cluster is None:
+        cluster, max_gpus = ray.cluster_resources(), autoscaler_max_gpus()
+    gpus = int(cluster.get("GPU", 0))
+    cpus = int(cluster.get("CPU", 1))
+    cpu_actors = max(1, int(cpus // 2 // max(cfg.encode.cpus_per_actor, 1)))
+    layout = choose_layout(cfg.encode.device, cfg.encode.actors, gpus_now=gpus, max_gpus=max_gpus,
+                           cpu_actors=cpu_actors)
+    actors = layout.max_actors
     # A CPU actor reserves `cpus_per_actor` for scheduling but computes with its share of the cluster's
     # cores: the light read/prepare/write tasks beside it need little, and one thread wastes the rest.
     cpu_threads = max(int(cfg.encode.cpus_per_actor), cpus // actors, 1)
     # Read+prepare tasks ask for a fraction of a CPU so they always fit beside the actors, but more of
     # them than free cores only adds worker processes (each ~1 s of imports) competing with encoding.
-    prepare_tasks = max(1, int(cpus - actors * cfg.encode.cpus_per_actor))
+    # GPU actors beyond the GPUs up will come with nodes of their own (and their CPUs).
+    placed = min(actors, gpus) if layout.device == "gpu" else actors
+    prepare_tasks = max(1, int(cpus - placed * cfg.encode.cpus_per_actor))
     return ResolvedJob(
         cfg=cfg,
         info=info,
@@ -92,7 +106,10 @@ def resolve(cfg: JobConfig, *, cluster: dict | None = None, described: ModelDesc
         dims=dims,
         window=window,
         actors=actors,
-        gpus_per_actor=1 if gpus else 0,
+        min_actors=layout.min_actors,
+        gpus_per_actor=1 if layout.device == "gpu" else 0,
+        layout_why=layout.why,
+        initial_actors=layout.initial_actors,
         cpu_threads=cpu_threads,
         prepare_tasks=prepare_tasks,
         storage=storage,
@@ -232,7 +249,10 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
         # A call's output is one writer result: the commit window can close no finer than that.
         batch_size=min(cfg.encode.sort_window, cfg.sink.commit_every_rows),
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=job.actors),
+        # min < max: Ray Data adds actors while work queues and the autoscaler adds GPU nodes for them; an
+        # actor lost with its node is restarted elsewhere and its blocks retried (max_restarts=-1).
+        compute=ray.data.ActorPoolStrategy(min_size=job.min_actors, max_size=job.actors,
+                                           initial_size=job.initial_actors),
         num_gpus=job.gpus_per_actor,
         num_cpus=cfg.encode.cpus_per_actor,
     )
@@ -272,6 +292,7 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         files = sorted(parts.values)
     ensure_ray()
     job = resolve(cfg, described=checked.model)
+    log.info("encoder pool: %s", job.layout_why)
     log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
     uri = table_uri(cfg.sink.db, cfg.sink.table)
     committer = LanceCommitter(
@@ -359,6 +380,8 @@ def describe_job(job: ResolvedJob, mode: str) -> dict:
         "model": job.info.identity,
         "task": job.task,
         "dims": list(job.dims),
+        "device": "gpu" if job.gpus_per_actor else "cpu",
+        "actor_bounds": [job.min_actors, job.actors],
         "chunking": {"mode": cfg.chunking.mode, "late": cfg.chunking.late and cfg.chunking.mode != "none",
                      "window": job.window},
     }

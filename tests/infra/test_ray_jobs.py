@@ -2,7 +2,7 @@
 
 The head is started the way a cluster's head is (`ray start --head --block`), on 127.0.0.1 with private ports
 and its own temp dir, in its own process group, and that group is killed when the module ends, pass or fail
-(never `ray stop`: it stops every Ray on the machine). Jobs go through `JobSubmissionClient`, the API that
+(never `ray stop`: it stops every Ray on the machine): tests/ray_head.py. Jobs go through `JobSubmissionClient`, the API that
 `ray job submit` and infra/ray/submit.sh use, with the runtime env of infra/ray/runtime_env.yaml: the code
 travels as the uploaded working_dir, as on a real cluster.
 """
@@ -10,21 +10,10 @@ travels as the uploaded working_dir, as on a real cluster.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,110 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from infra_files import ROOT, RUNTIME_ENV, documents
+from ray_head import LocalHead, api_status, local_head
 from shared_data import minilm_dir, sts_sentences
 
 pytestmark = pytest.mark.slow
 
-HOST = "127.0.0.1"  # never anything else: the head must not be reachable from outside this machine
-PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-              "--node-manager-port", "--object-manager-port")
-HEAD_START_S = 60
 JOB_S = 120
-
-
-@dataclass(frozen=True)
-class LocalHead:
-    address: str  # the Jobs API, http://127.0.0.1:PORT
-    token: str
-    temp_dir: Path
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together while chosen, so they differ)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _api_status(head: LocalHead, path: str, *, auth: bool) -> int:
-    request = urllib.request.Request(head.address + path, headers=head.headers if auth else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Kill the head's process group (every Ray process it started): SIGTERM, then SIGKILL after a grace
-    period (`ray start --block` takes over 15 s to stop its processes on SIGTERM alone)."""
-    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            process.poll()  # reaps the group leader: its zombie would keep the group alive
-            if not _group_alive(process.pid):
-                return
-            time.sleep(0.2)
-    process.wait(timeout=10)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[LocalHead]:
-    pytest.importorskip("aiohttp_cors", reason="the Jobs API runs in the dashboard: needs ray[default]")
-    # Short: Ray's unix socket paths under the temp dir must stay under ~107 characters.
-    temp_dir = Path(tempfile.mkdtemp(prefix="el-ray-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
-    # The job's `python` is this interpreter; PYTHONPATH is dropped so the job runs the uploaded working_dir.
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", HOST,
-            "--dashboard-host", HOST, "--include-dashboard", "true", "--temp-dir", str(temp_dir),
-            "--num-cpus", "2", "--disable-usage-stats", *(a for flag, port in ports.items() for a in (flag, str(port)))]
-    log = temp_dir / "head.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    head = LocalHead(f"http://{HOST}:{ports['--dashboard-port']}", token, temp_dir)
-    try:
-        deadline = time.monotonic() + HEAD_START_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if _api_status(head, "/api/version", auth=True) == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Jobs API did not come up in {HEAD_START_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with local_head() as head:
         yield head
-    finally:
-        _stop(process)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +63,8 @@ def wait_for(client, submission_id: str) -> tuple[str, str]:
 
 
 def test_the_jobs_api_needs_the_token(ray_head: LocalHead):
-    assert _api_status(ray_head, "/api/jobs/", auth=False) == 401
-    assert _api_status(ray_head, "/api/jobs/", auth=True) == 200
+    assert api_status(ray_head, "/api/jobs/", auth=False) == 401
+    assert api_status(ray_head, "/api/jobs/", auth=True) == 200
 
 
 def test_submitted_embed_job_writes_the_table_and_a_second_submission_id_is_refused(client, tmp_path):

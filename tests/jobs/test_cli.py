@@ -115,7 +115,9 @@ BAD_OPTIONS = [
     ("--max-batch-tokens", "-5", "--max-batch-tokens must be >= 1, got -5"),  # died in a Ray actor
     ("--max-batch-tokens", "lots", "--max-batch-tokens must be an integer, got 'lots'"),
     ("--actors", "0", "--actors must be >= 1, got 0"),
-    ("--actors", "1.5", "--actors must be an integer, got 1.5"),
+    ("--actors", "1.5", "--actors must be N, MIN..MAX or MIN.. (integers), got '1.5'"),
+    ("--actors", "2..x", "--actors must be N, MIN..MAX or MIN.. (integers), got '2..x'"),
+    ("--device", "tpu", "--device must be one of auto, gpu, cpu; got 'tpu'"),
     ("--cpus-per-actor", "0", "--cpus-per-actor must be > 0, got 0"),
     ("--cpus-per-actor", "one", "--cpus-per-actor must be a number, got 'one'"),
     ("--sort-window", "0", "--sort-window must be >= 1, got 0"),

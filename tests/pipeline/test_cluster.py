@@ -123,7 +123,7 @@ def test_two_node_cluster_one_actor_per_node(own_ray, tmp_path, passages, make_s
         cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=OBJECT_STORE)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        nodes = {n["NodeID"][:12] for n in ray.nodes() if n["Alive"]}
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
 
         texts = passages(N_DOCS)
