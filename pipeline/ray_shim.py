@@ -1,5 +1,5 @@
 """The one place that reads Ray internals (STYLE: a host framework's private modules go through one shim,
-with a test pinning its behaviour: tests/pipeline/test_ray_shim.py).
+with a test pinning what it relies on: tests/pipeline/test_elastic.py).
 
 Ray 2.60 has no public API for how large an autoscaling cluster may grow. Its own libraries (Ray Data's
 cluster autoscaler, Ray Train's worker group) read the cluster config the autoscaler reported to the GCS

@@ -5,6 +5,8 @@
 #   RAY_ADDRESS=http://ray-head:8265 CORPUS=wiki infra/ray/submit.sh --dims 1024,128 --index
 #
 # Extra arguments are passed to `python -m jobs.embed` after the defaults (later flags win).
+# The encoders are one-GPU actors, 1..ACTORS of them, whether or not a GPU node is up yet: on an elastic
+# cluster (kuberay/raycluster.yaml, GPU group from 0) they are what the autoscaler adds GPU nodes for.
 # The submission id is deterministic per corpus and UTC day: Ray rejects a duplicate id
 # ("already exists"), so a scheduled or retried submit cannot start the same day's job twice.
 # Follow it with `ray job logs --follow <id>`, stop it with `ray job stop <id>`.
@@ -18,6 +20,7 @@ cd "$(dirname "$0")/../.."  # repo root: runtime_env.yaml's working_dir is "."
 : "${INPUT:=s3://example-corpus/${CORPUS}/}"
 : "${OUTPUT:=s3://example-lake/lancedb}"
 : "${MODEL:=/models/jina-embeddings-v3}"  # baked into the image; or s3://example-models/jina-embeddings-v3
+: "${ACTORS:=8}"  # the most GPUs the job may use: the GPU group's maxReplicas
 : "${SUBMISSION_ID:=embed-${CORPUS}-$(date -u +%Y%m%d)}"
 export RAY_ADDRESS
 
@@ -35,4 +38,5 @@ ray job submit \
     --dims 1024,256,64 \
     --chunking sentences --late-chunking \
     --mode overwrite \
+    --device gpu --actors "1..${ACTORS}" \
     "$@"

@@ -115,7 +115,7 @@ def submit_sh_arguments(*extra: str) -> list[str]:
     reads them in the test below.
     """
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CORPUS", "INPUT", "OUTPUT", "MODEL", "SUBMISSION_ID", "NO_WAIT", "RAY_ADDRESS")}
+           if k not in ("CORPUS", "INPUT", "OUTPUT", "MODEL", "ACTORS", "SUBMISSION_ID", "NO_WAIT", "RAY_ADDRESS")}
     out = subprocess.run(
         ["bash", "-c", 'ray() { printf "%s\\0" "$@"; }; . "$0" "$@"', str(SUBMIT_SH), *extra],
         env=env, capture_output=True, text=True, timeout=30, check=True,

@@ -17,6 +17,7 @@ from infra_files import (
     INFRA,
     ROOT,
     RUNTIME_ENV,
+    SUBMIT_SH,
     Doc,
     containers,
     dockerfile_arg,
@@ -145,7 +146,7 @@ def test_the_kuberay_check_refuses_what_kuberay_refuses():
     assert kuberay_problems(Doc("broken", broken)) == [
         "headGroupSpec.rayStartParams.num-cpus is 0; KubeRay takes strings only (quote it)",
         "workerGroupSpecs[0].groupName missing",
-        "workerGroupSpecs[0]: need 0 <= minReplicas <= replicas <= maxReplicas, got 99, 1, 8",
+        "workerGroupSpecs[0]: need 0 <= minReplicas <= replicas <= maxReplicas, got 99, 0, 8",
     ]
 
 
@@ -219,8 +220,12 @@ def test_raycluster_is_a_cpu_head_and_autoscaled_one_gpu_workers():
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     (gpu,) = spec["workerGroupSpecs"]
-    assert gpu["minReplicas"] >= 1, "a job started with no GPU up runs its encoders on CPU (pipeline/run.py)"
-    assert gpu["maxReplicas"] > gpu["minReplicas"]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] > 0, "elastic: no GPU held while idle (issue #17)"
+    # On a group at zero only `--device gpu` asks the autoscaler for GPU pods (`auto` would run on CPU), and
+    # the pool may grow to the group's size: what submit.sh, the way jobs reach this cluster, passes.
+    script = SUBMIT_SH.read_text()
+    assert "--device gpu" in script and '"1..${ACTORS}"' in script
+    assert f': "${{ACTORS:={gpu["maxReplicas"]}}}"' in script, "submit.sh's default ACTORS is the group's maxReplicas"
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert str(limits["nvidia.com/gpu"]) == "1"
 

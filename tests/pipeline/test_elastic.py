@@ -80,3 +80,17 @@ def test_the_pool_starts_full_only_to_ask_the_autoscaler_for_gpus_not_up(device,
     layout = choose_layout(device, None if actors is None else ActorRange.of(actors), gpus_now=gpus_now,
                            max_gpus=8, cpu_actors=3)
     assert layout.initial_actors == asked
+
+
+def test_the_ray_shim_reads_an_api_this_ray_has(ray_up):
+    """pipeline/ray_shim.py is the one reader of Ray internals: pin what it relies on, so a Ray upgrade that
+    moves it fails here instead of silently sizing every pool from the GPUs up now."""
+    import inspect
+
+    import ray._private.state
+
+    from pipeline.ray_shim import autoscaler_max_gpus
+
+    reader = ray._private.state.state.get_max_resources_from_cluster_config
+    assert callable(reader) and not inspect.signature(reader).parameters
+    assert autoscaler_max_gpus() is None  # a local cluster has no autoscaler, so no limits to read
