@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import AttentionFn
+from model.rotary import Rotary, rotate
 from model.task_lora import TaskLinear, TaskRuns
 from model.weights import read_safetensors
 
@@ -133,25 +134,6 @@ class Embeddings(nn.Module):
         return self.word_embeddings(input_ids, runs) + self.token_type_embeddings(token_types, runs)
 
 
-class Rotary(nn.Module):
-    """GPT-NeoX rotate-half RoPE over all head dims, angles in fp32 (§3.3)."""
-
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = position_ids.to(torch.float32)[..., None] * self.inv_freq  # (..., D/2)
-        angles = torch.cat([angles, angles], dim=-1)[..., None, :]  # (..., 1, D): broadcast over heads
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)  # dim j pairs with dim j + D/2
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class Attention(nn.Module):
     """Fused Wqkv laid out [Q | K | V], head-contiguous (§3.2); RoPE on Q and K only."""
 
@@ -167,7 +149,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.Wqkv(x, runs).unflatten(-1, (3, self.heads, self.head_dim))  # (..., 3, H, D)
         q, k, v = qkv.unbind(dim=-3)  # each (..., H, D)
-        q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         out = attend(q, k, v)  # (..., H, D)
         return self.out_proj(out.flatten(-2), runs)
 

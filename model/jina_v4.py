@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import AttentionFn
+from model.rotary import MRotary, rotate
 from model.task_lora import TaskLinear, TaskRuns
 from model.weights import read_sharded_safetensors
 
@@ -136,30 +137,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class MRotary(nn.Module):
-    """Multimodal RoPE (§7.1): rotate-half over the whole head; frequency i takes its angle from position
-    stream 0 (temporal), 1 (height) or 2 (width) by `section` ([16, 24, 24] of the 64 frequencies)."""
-
-    def __init__(self, head_dim: int, base: float, section: tuple[int, int, int]):
-        super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.section = list(section)
-
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (3, ...) -> cos, sin (..., 1, D), broadcasting over heads."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (3, ..., D/2)
-        parts = angles.split(self.section, dim=-1)
-        angles = torch.cat([part[stream] for stream, part in enumerate(parts)], dim=-1)  # (..., D/2)
-        angles = torch.cat([angles, angles], dim=-1)[..., None, :]  # (..., 1, D)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)  # dim j pairs with dim j + D/2
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class Attention(nn.Module):
     """GQA: H query heads, H_kv key/value heads (§7.1: 16 and 2); q/k/v with bias, o without (§7.2)."""
 
@@ -176,7 +153,7 @@ class Attention(nn.Module):
         q = self.q_proj(x, runs).unflatten(-1, (self.heads, self.head_dim))  # (..., H, D)
         k = self.k_proj(x, runs).unflatten(-1, (self.kv_heads, self.head_dim))  # (..., H_kv, D)
         v = self.v_proj(x, runs).unflatten(-1, (self.kv_heads, self.head_dim))
-        q, k = MRotary.apply(q, *rope), MRotary.apply(k, *rope)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         return self.o_proj(attend(q, k, v).flatten(-2), runs)  # causal, chosen by the caller
 
 
