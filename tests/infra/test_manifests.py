@@ -8,6 +8,7 @@ so their required fields are checked here and their pod templates validate as Ku
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,24 @@ def test_one_project_image_everywhere_and_built_as_documented():
     assert tag == version or tag.startswith(version + "-"), f"image tag {tag} is not project version {version}"
     built = re.findall(r"-t (\S+)", (INFRA / "README.md").read_text() + DOCKERFILE.read_text())
     assert image in built, f"no documented `docker build -t {image}` (README, Dockerfile): {sorted(set(built))}"
+
+
+def test_every_rayjob_asks_for_the_gpus_its_cluster_can_grow_to():
+    """A GPU group that may be at zero needs `--device gpu` (`auto` would see no GPU and run on CPU), and the
+    pool's MAX should be the GPUs the group can reach; a fixed group needs neither (issue #17)."""
+    checked = 0
+    for doc in (d for d in manifests() if d.kind == "RayJob"):
+        argv = shlex.split(doc.body["spec"]["entrypoint"])
+        (cluster,) = ray_cluster_specs(doc)
+        gpu_groups = [g for g in cluster.get("workerGroupSpecs") or []
+                      if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})]
+        reachable = sum(g["maxReplicas"] for g in gpu_groups)
+        if any(g["minReplicas"] == 0 for g in gpu_groups):
+            assert argv[argv.index("--device") + 1] == "gpu", f"{doc.where}: a GPU group from 0 needs --device gpu"
+            assert cluster["enableInTreeAutoscaling"] is True, f"{doc.where}: nothing would add the GPU pods"
+            low, high = argv[argv.index("--actors") + 1].split("..")
+            assert int(high) == reachable, f"{doc.where}: --actors {low}..{high}, but the GPU groups reach {reachable}"
+        else:
+            assert "--device" not in argv or argv[argv.index("--device") + 1] != "cpu", doc.where
+        checked += 1
+    assert checked == 2  # rayjob-embed.yaml (elastic) and the CronJob's template (fixed)
