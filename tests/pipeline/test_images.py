@@ -63,3 +63,20 @@ def test_other_formats_are_refused_by_name():
 def test_a_missing_object_is_the_rows_reason_not_the_jobs_error(tmp_path):
     data, why = image_bytes(str(tmp_path / "nope.png"), fetch)
     assert data is None and why.startswith(f"unreadable image {tmp_path / 'nope.png'}: FileNotFoundError"), why
+
+
+def test_an_image_column_that_cannot_hold_images_is_refused_whole_by_name():
+    """Pre-flight and every read task check the column's type: a column of numbers is the wrong column."""
+    import pyarrow as pa
+
+    from pipeline.config import SourceConfig
+    from pipeline.read import column_roles, schema_problem
+
+    source = SourceConfig(input="unused", image_column="image")
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.int64())])
+    assert schema_problem(schema, source.columns, column_roles(source)) == (
+        "has image column 'image' of type int64; images must be bytes (binary) or paths/URLs (string): "
+        "name another with --image-column")
+    for usable in (pa.binary(), pa.large_binary(), pa.string()):
+        assert schema_problem(schema.set(2, pa.field("image", usable)), source.columns, column_roles(source)) is None
+    assert schema_problem(schema.remove(2), source.columns, column_roles(source)).startswith("lacks columns ['image']")
