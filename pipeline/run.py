@@ -258,11 +258,26 @@ def build_dataset(job: ResolvedJob, files: list[str], lookup: LookupSpec | None 
     )
 
 
-def ensure_ray() -> None:
+def ensure_ray() -> bool:
     """Join the cluster RAY_ADDRESS names (set under `ray job submit`); otherwise start a private local
-    one rather than attaching to whatever cluster happens to run on this machine."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    one rather than attaching to whatever cluster happens to run on this machine. True when this call
+    started that private cluster: nothing will ever add nodes to it."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", include_dashboard=False)
+    return not address
+
+
+def check_placeable(job: ResolvedJob, gpus: int) -> None:
+    """On a private local cluster (no autoscaler), one-GPU actors beyond the machine's GPUs would wait for a
+    node that never comes: the job would hang instead of failing. Say so before it starts."""
+    if job.gpus_per_actor and gpus < job.min_actors:
+        raise ValueError(
+            f"--device gpu needs {job.min_actors} GPU(s) for its encoder actors, but this machine has {gpus} and "
+            "the job runs on a local Ray of its own, which no autoscaler grows: submit it to a Ray cluster with "
+            "GPUs or an autoscaler (RAY_ADDRESS, `ray job submit`), or pass --device auto or cpu"
+        )
 
 
 def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = False,
@@ -290,8 +305,10 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
             raise ValueError("backfill needs --partitions: a list of partition paths or a filter over partition columns")
         parts = select(cfg.source.input, files, partitions)
         files = sorted(parts.values)
-    ensure_ray()
+    private = ensure_ray()
     job = resolve(cfg, described=checked.model)
+    if private:
+        check_placeable(job, int(ray.cluster_resources().get("GPU", 0)))
     log.info("encoder pool: %s", job.layout_why)
     log.info("embedlake job %s", json.dumps(cfg.to_record(lambda o: StorageConfig(o).redacted()), default=str))
     uri = table_uri(cfg.sink.db, cfg.sink.table)

@@ -94,3 +94,17 @@ def test_the_ray_shim_reads_an_api_this_ray_has(ray_up):
     reader = ray._private.state.state.get_max_resources_from_cluster_config
     assert callable(reader) and not inspect.signature(reader).parameters
     assert autoscaler_max_gpus() is None  # a local cluster has no autoscaler, so no limits to read
+
+
+def test_gpu_actors_a_private_local_ray_cannot_place_fail_before_the_job_instead_of_hanging():
+    """`--device gpu` on a machine without GPUs, run locally (no RAY_ADDRESS): the job's own Ray has no
+    autoscaler, so its one-GPU actors would pend forever. run_job checks this after starting that Ray."""
+    from pipeline.run import check_placeable
+
+    cluster = {"CPU": 2}
+    job = resolve(_cfg(device="gpu", actors=ActorRange(1, 2)), cluster=cluster)
+    with pytest.raises(ValueError, match=r"--device gpu needs 1 GPU\(s\) .* this machine has 0 .* no autoscaler"):
+        check_placeable(job, gpus=0)
+    check_placeable(job, gpus=1)  # the pool's minimum fits: it runs, and grows no further than the GPUs here
+    check_placeable(resolve(_cfg(device="cpu"), cluster=cluster), gpus=0)
+    check_placeable(resolve(_cfg(), cluster=cluster), gpus=0)  # auto on a machine without GPUs: CPU actors
