@@ -26,7 +26,6 @@ import torch
 
 from model import attention, late_chunking
 from model.attention import AttentionImpl
-from model.batching import token_budget_batches
 from model.encoder import Encoder, EncoderInfo, PromptArg, TaskArg
 from model.images import IMAGE_PROMPT, ImageInput, ImagePreparer, PreparedImage
 from model.jina_v4 import JinaV4Config, JinaV4Model, load_jina_v4
@@ -167,10 +166,19 @@ class JinaV4Encoder(Encoder):
         return self.finalize(self.embed_images(prepared, task_ids), dim, normalize)
 
     # -- token-level API -------------------------------------------------------------------------------
+    # Each call is one forward pass; `_outputs` takes from its states the pooled vectors, the per-token ones,
+    # or both (what a pipeline storing both needs: half the compute of two calls).
     @torch.inference_mode()
     def embed_ids_multi(self, seqs: Sequence[np.ndarray], tasks: Sequence[int | None]) -> list[torch.Tensor]:
         """Normalized (N_i, 128) float32 per-token vectors of token-id sequences, in input order."""
-        return self._multi(self._run([np.asarray(s) for s in seqs], list(tasks)), tasks, len(seqs))
+        return self._outputs(self._run_ids(seqs, tasks), tasks, len(seqs), pool=False)[1]
+
+    @torch.inference_mode()
+    def embed_ids_with_multi(
+        self, seqs: Sequence[np.ndarray], tasks: Sequence[int | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`embed_ids` and `embed_ids_multi` of the same sequences from one forward pass."""
+        return self._outputs(self._run_ids(seqs, tasks), tasks, len(seqs))
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[PreparedImage], tasks: Sequence[int | None]) -> torch.Tensor:
@@ -178,63 +186,50 @@ class JinaV4Encoder(Encoder):
 
         Batches are bounded by the token budget (vision tokens plus the ~20 prompt tokens per image).
         """
-        out = torch.empty((len(images), self.dim), dtype=torch.float32)
-        for batch, states, offsets in self._run(list(images), list(tasks), self._forward_images):
-            spans = torch.tensor([images[i].pool_span for i in batch], device=states.device)
-            out[batch] = pool_spans(states, offsets[:-1] + spans[:, 0], offsets[:-1] + spans[:, 1]).cpu()
-        return out
+        return self._outputs(self._run_images(images, tasks), tasks, len(images), multi=False,
+                             spans=[im.pool_span for im in images])[0]
 
     @torch.inference_mode()
     def embed_images_multi(self, images: Sequence[PreparedImage], tasks: Sequence[int | None]) -> list[torch.Tensor]:
         """Normalized (N_i, 128) float32 per-token vectors of every token of each image's prompt."""
-        return self._multi(self._run(list(images), list(tasks), self._forward_images), tasks, len(images))
-
-    def _multi(self, batches, tasks: Sequence[int | None], n: int) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * n
-        for batch, states, offsets in batches:
-            vecs = self._project(states, [tasks[i] for i in batch], (offsets[1:] - offsets[:-1]).tolist())
-            bounds = offsets.tolist()
-            for row, i in enumerate(batch):
-                out[i] = vecs[bounds[row] : bounds[row + 1]].cpu()
-        return out
-
-    def _project(self, states: torch.Tensor, tasks: Sequence[int | None], lengths: Sequence[int]) -> torch.Tensor:
-        """Normalized (T, 128) float32 per-token vectors of packed states of sequences of `lengths`."""
-        vecs = self.model.project(states.to(self.dtype), task_runs(list(tasks), list(lengths))).float()
-        return vecs / vecs.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-
-    # -- both outputs of one forward pass (what a pipeline storing both needs: half the compute of two calls)
-    @torch.inference_mode()
-    def embed_ids_with_multi(
-        self, seqs: Sequence[np.ndarray], tasks: Sequence[int | None]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """`embed_ids` and `embed_ids_multi` of the same sequences from one forward pass."""
-        return self._pooled_and_multi(self._run([np.asarray(s) for s in seqs], list(tasks)), tasks, len(seqs))
+        return self._outputs(self._run_images(images, tasks), tasks, len(images), pool=False)[1]
 
     @torch.inference_mode()
     def embed_images_with_multi(
         self, images: Sequence[PreparedImage], tasks: Sequence[int | None]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`embed_images` and `embed_images_multi` of the same images from one forward pass."""
-        spans = [im.pool_span for im in images]
-        return self._pooled_and_multi(self._run(list(images), list(tasks), self._forward_images), tasks, len(images),
-                                      spans)
+        return self._outputs(self._run_images(images, tasks), tasks, len(images), spans=[im.pool_span for im in images])
 
-    def _pooled_and_multi(self, batches, tasks: Sequence[int | None], n: int,
-                          spans: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        pooled = torch.empty((n, self.dim), dtype=torch.float32)
-        multi: list[torch.Tensor] = [torch.empty(0)] * n
+    def _run_ids(self, seqs: Sequence[np.ndarray], tasks: Sequence[int | None]):
+        return self._run([np.asarray(s) for s in seqs], list(tasks))
+
+    def _run_images(self, images: Sequence[PreparedImage], tasks: Sequence[int | None]):
+        return self._run(list(images), list(tasks), self._forward_images)
+
+    def _outputs(self, batches, tasks: Sequence[int | None], n: int, *, pool: bool = True, multi: bool = True,
+                 spans: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        """From `_run`'s batches: (n, d) unnormalized means (over each input, or over its `spans`) if `pool`, and
+        each input's normalized (N_i, 128) per-token vectors if `multi`; in input order."""
+        pooled = torch.empty((n, self.dim), dtype=torch.float32) if pool else None
+        vectors: list[torch.Tensor] | None = [torch.empty(0)] * n if multi else None
         for batch, states, offsets in batches:
-            if spans is None:
+            if pooled is not None and spans is None:
                 pooled[batch] = self._pool(states, offsets).cpu()
-            else:
+            elif pooled is not None:
                 sp = torch.tensor([spans[i] for i in batch], device=states.device)
                 pooled[batch] = pool_spans(states, offsets[:-1] + sp[:, 0], offsets[:-1] + sp[:, 1]).cpu()
-            vecs = self._project(states, [tasks[i] for i in batch], (offsets[1:] - offsets[:-1]).tolist())
-            bounds = offsets.tolist()
-            for row, i in enumerate(batch):
-                multi[i] = vecs[bounds[row] : bounds[row + 1]].cpu()
-        return pooled, multi
+            if vectors is not None:
+                vecs = self._project(states, [tasks[i] for i in batch], (offsets[1:] - offsets[:-1]).tolist())
+                bounds = offsets.tolist()
+                for row, i in enumerate(batch):
+                    vectors[i] = vecs[bounds[row] : bounds[row + 1]].cpu()
+        return pooled, vectors
+
+    def _project(self, states: torch.Tensor, tasks: Sequence[int | None], lengths: Sequence[int]) -> torch.Tensor:
+        """Normalized (T, 128) float32 per-token vectors of packed states of sequences of `lengths`."""
+        vecs = self.model.project(states.to(self.dtype), task_runs(list(tasks), list(lengths))).float()
+        return vecs / vecs.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
     @torch.inference_mode()
     def embed_id_spans_with_multi(
@@ -249,15 +244,14 @@ class JinaV4Encoder(Encoder):
         """Late chunking with both outputs: per document, `embed_id_spans`'s (S, d) span means, and for each span
         the per-token vectors of its tokens (the same stitched states: a long document's windows as there)."""
         window, overlap = late_chunking.window_and_overlap(window, overlap, self.max_length)
-        seqs = [np.asarray(s) for s in seqs]
         pooled: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
         multi: list[list[torch.Tensor]] = [[] for _ in seqs]
-        for group in token_budget_batches([len(s) for s in seqs], max(self.max_batch_tokens, 1), padded=False):
-            segs = late_chunking.segments(seqs, group, window, overlap)
-            for doc, states in late_chunking.stitch(self._run, segs, list(tasks)).items():
-                pooled[doc] = late_chunking.pool_doc_spans(states, spans[doc], doc)
-                vecs = self._project(states, [tasks[doc]], [states.shape[0]]).cpu()
-                multi[doc] = [vecs[s:e] for s, e in np.asarray(spans[doc]).reshape(-1, 2).tolist()]
+        for doc, states in late_chunking.stitched_documents(self._run, [np.asarray(s) for s in seqs], list(tasks),
+                                                            window=window, overlap=overlap,
+                                                            group_tokens=self.max_batch_tokens):
+            pooled[doc] = late_chunking.pool_doc_spans(states, spans[doc], doc)
+            vecs = self._project(states, [tasks[doc]], [states.shape[0]]).cpu()
+            multi[doc] = [vecs[s:e] for s, e in np.asarray(spans[doc]).reshape(-1, 2).tolist()]
         return pooled, multi
 
     # -- forward ---------------------------------------------------------------------------------------

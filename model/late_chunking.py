@@ -8,7 +8,7 @@ mean-pooled. A document within the window is one window: plain late chunking.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +71,24 @@ def pool_doc_spans(states: torch.Tensor, spans: np.ndarray, doc: int) -> torch.T
     return pool_spans(states, sp[:, 0], sp[:, 1]).cpu()
 
 
+def stitched_documents(
+    forward: BatchedForward,
+    seqs: Sequence[np.ndarray],
+    tasks: Sequence[int | None],
+    *,
+    window: int,
+    overlap: int,
+    group_tokens: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(document index, its stitched (N, d) states) for every document, in completion order.
+
+    Documents go in groups of about `group_tokens` tokens (longest first, or one document alone), so
+    only one group's states are held for stitching; a document's windows all run in its group.
+    """
+    for group in token_budget_batches([len(s) for s in seqs], max(group_tokens, 1), padded=False):
+        yield from stitch(forward, segments(seqs, group, window, overlap), tasks).items()
+
+
 def embed_spans(
     forward: BatchedForward,
     seqs: Sequence[np.ndarray],
@@ -81,13 +99,9 @@ def embed_spans(
     overlap: int,
     group_tokens: int,
 ) -> list[torch.Tensor]:
-    """For each document, (S, d) mean vectors of its token spans, in input order.
-
-    Documents go in groups of about `group_tokens` tokens (longest first, or one document alone), so
-    only one group's states are held for stitching; a document's windows all run in its group.
-    """
+    """For each document, (S, d) mean vectors of its token spans, in input order (`stitched_documents`)."""
     results: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-    for group in token_budget_batches([len(s) for s in seqs], max(group_tokens, 1), padded=False):
-        for doc, states in stitch(forward, segments(seqs, group, window, overlap), tasks).items():
-            results[doc] = pool_doc_spans(states, spans[doc], doc)
+    for doc, states in stitched_documents(forward, seqs, tasks, window=window, overlap=overlap,
+                                          group_tokens=group_tokens):
+        results[doc] = pool_doc_spans(states, spans[doc], doc)
     return results
