@@ -259,12 +259,12 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     options = parse_storage_options(args.storage_option or [])
     image = None
-    if args.image is not None:
-        from pipeline.images import decode_problem
+    if args.image is not None:  # read and checked as the pipeline reads an image column's paths
+        from pipeline.images import fetcher, image_bytes
         from pipeline.storage import StorageConfig
 
-        image = StorageConfig.from_env(options).fsspec_filesystem(args.image).cat_file(args.image)
-        if problem := decode_problem(image):
+        image, problem = image_bytes(args.image, fetcher(StorageConfig.from_env(options)))
+        if problem:
             raise ValueError(f"--image {args.image}: {problem}")
     hits = search(args.db, args.table, args.text, image=image, column=args.column, k=args.k, modality=args.modality,
                   storage_options=options)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
+from pipeline.storage import StorageConfig
+
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what the issue promises; GIF, BMP, TIFF ... are refused by name
 
 
@@ -35,10 +37,24 @@ def decode_problem(data: bytes) -> str | None:
 Fetch = Callable[[str], bytes]
 
 
+def fetcher(storage: StorageConfig | None) -> Fetch:
+    """Reads an image path or URL with the job's storage options (one filesystem per scheme and worker)."""
+    storage = storage or StorageConfig()
+    filesystems: dict[str, object] = {}
+
+    def fetch(url: str) -> bytes:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme not in filesystems:
+            filesystems[scheme] = storage.fsspec_filesystem(url)
+        return filesystems[scheme].cat_file(url)
+
+    return fetch
+
+
 def image_bytes(value: object, fetch: Fetch) -> tuple[bytes | None, str | None]:
     """(encoded bytes, None) for a usable image value, (None, reason) otherwise.
 
-    `fetch(url)` reads a string value's object (pipeline code passes an fsspec `cat_file` with the job's
+    `fetch(url)` reads a string value's object (`fetcher`: fsspec with the job's
     storage options); its failure is the row's reason, not the job's.
     """
     if value is None:

@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 
 from model.loading import DEFAULT_MAX_BATCH_TOKENS, ModelDescription
 from pipeline.config import JobConfig, check_value
+from pipeline.images import fetcher
 from pipeline.preflight import find_problems
-from pipeline.prepare import CHAR_SPANS, IDS, IMAGE, fetcher, prepare_units
+from pipeline.prepare import CHAR_SPANS, IDS, IMAGE, prepare_units
 from pipeline.read import BadFile, column_roles, opened, schema_problem
 from pipeline.run import resolve
 from pipeline.table_meta import MULTIVECTOR, MULTIVECTOR_DIM

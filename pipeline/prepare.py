@@ -30,7 +30,7 @@ from model.tokenization import CharSpan
 from pipeline.config import ChunkingConfig, SourceConfig
 from pipeline.dedup import DUPLICATE, duplicates
 from pipeline.diff import UNCHANGED, LookupSpec, statuses
-from pipeline.images import Fetch, image_bytes
+from pipeline.images import Fetch, fetcher, image_bytes
 from pipeline.read import FILE_ROWS, SOURCE_FILE, SOURCE_ROW
 from pipeline.storage import StorageConfig
 
@@ -291,20 +291,6 @@ def _image_document(doc_id, text, title, image, fetch: Fetch) -> tuple[str | Non
     if text is not None and not isinstance(text, str):
         return f"text is {type(text).__name__}, not a string", "", None
     return None, embedded_text(text, title) if text and text.strip() else "", data
-
-
-def fetcher(storage: StorageConfig | None) -> Fetch:
-    """Reads an image path or URL with the job's storage options (one filesystem per scheme and worker)."""
-    storage = storage or StorageConfig()
-    filesystems: dict[str, object] = {}
-
-    def fetch(url: str) -> bytes:
-        scheme = url.split("://", 1)[0] if "://" in url else ""
-        if scheme not in filesystems:
-            filesystems[scheme] = storage.fsspec_filesystem(url)
-        return filesystems[scheme].cat_file(url)
-
-    return fetch
 
 
 def prepare_units(batch: pa.Table, *, source: SourceConfig, chunking: ChunkingConfig, tokenizer: TextTokenizer,
