@@ -43,6 +43,9 @@ REJECT_SAMPLE = 20  # rejected rows a writer call lists (id, reason); the rest a
 # rows per codebook, and on small tables PQ's recall loss buys nothing.
 PQ_MIN_ROWS = 100_000
 
+# Rows sampled to count a multivector column's token vectors for its index (all of them in smaller tables).
+MULTIVECTOR_SAMPLE_ROWS = 1024
+
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_\-.]+$")
 
 
@@ -335,7 +338,10 @@ def build_vector_indexes(
         if is_multivector(kind):
             # Lance indexes a multivector column's token vectors, and only under the cosine metric (it refuses
             # others); a search then over-fetches per query vector and rescores candidates by MaxSim.
-            vectors = int(pc.sum(pc.list_value_length(tbl.to_lance().to_table(columns=[column])[column])).as_py() or 0)
+            # Its size is counted in token vectors, from a sample of rows: reading the whole column into the driver
+            # would load every token vector of the table (tokens x 128 x 4 bytes) just to count them.
+            sample = tbl.to_lance().sample(min(rows, MULTIVECTOR_SAMPLE_ROWS), columns=[column])[column]
+            vectors = round(rows * float(pc.mean(pc.list_value_length(sample)).as_py() or 0.0))
             config = _index_config(index_type, vectors, kind.value_type.list_size, "cosine")
         else:
             config = _index_config(index_type, rows, kind.list_size, distance_type)
