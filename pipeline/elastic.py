@@ -9,13 +9,10 @@ that grows as GPU nodes join. Both decisions are pure functions here, logged wit
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.config import ActorRange, Device
-
-log = logging.getLogger("embedlake")
 
 # A pool actor reports each call's (start, end); the report counts the actors busy in each interval of
 # this length. Calls last well under it (a 4,096-document sort window: ~0.3 s on a GPU, seconds on CPU),
