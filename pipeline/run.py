@@ -27,7 +27,7 @@ from model import EncoderInfo, ModelDescription, TextTokenizer, describe_model
 from pipeline.commit import CommitSummary, LanceCommitter, Mode, Resume, commit_skipped_files, staging_url
 from pipeline.config import JobConfig
 from pipeline.dedup import index_source_ids, remove_ids
-from pipeline.diff import LookupSpec, ensure_id_index, missing_ids
+from pipeline.diff import LookupSpec, ensure_id_index, missing_ids, opened
 from pipeline.elastic import choose_layout
 from pipeline.embed import EmbedSpec, EmbedStage, vector_column
 from pipeline.partitions import Partitions, select, with_partition_columns
@@ -341,7 +341,7 @@ def run_job(cfg: JobConfig, *, mode: Mode | None = None, delete_missing: bool = 
         ensure_id_index(uri, job.storage.lance_options())  # the next run's lookups and replacements
     indexes = {}
     if cfg.sink.index:
-        cols = table_metadata(job, mode).vector_columns()
+        cols = committer.metadata.vector_columns()
         indexes = build_vector_indexes(cfg.sink.db, cfg.sink.table, cols, job.storage.lance_options())
     report = build_report(describe_job(job, mode), summary, wall_s=time.perf_counter() - t0, indexes=indexes,
                           files_skipped=skipped_files(skipped))
@@ -368,7 +368,7 @@ def _missing_count(lookup: LookupSpec, summary: CommitSummary) -> int:
     """Documents the table held that the source no longer has, counted without a join: every id the
     table holds once (the committer's invariant), every source id once (later ones are rejected as
     duplicates), so the table's documents less those the run found unchanged or changed are missing."""
-    ds = lance.dataset(lookup.uri, version=lookup.version, storage_options=dict(lookup.storage_options))
+    ds = opened(lookup)
     found = summary.documents.get("unchanged", 0) + summary.documents.get("changed", 0)
     return ds.count_rows(filter="chunk = 0") - found
 
