@@ -31,13 +31,16 @@ def test_varlen_bf16_matches_cpu_fp32(tiny_jina_dir, task):
     assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
 
 
-def test_varlen_late_chunking_matches_cpu(tiny_jina_dir):
+@pytest.mark.parametrize(("model", "task"), [("tiny_jina_dir", "retrieval.passage"), ("tiny_jina_v4_dir", "retrieval")])
+def test_varlen_late_chunking_matches_cpu(model, task, request):
+    """Long late chunking (overlapping windows) on GPU in bf16 against CPU fp32: jina-v3, and jina-v4 (causal)."""
+    path = str(request.getfixturevalue(model))
     text = " ".join(sts_sentences("test")[:200])
     spans = [[(0, 300), (300, 2000), (2000, len(text))]]
-    gpu = load_encoder(str(tiny_jina_dir))
-    cpu = load_encoder(str(tiny_jina_dir), device="cpu", dtype=torch.float32)
-    a = gpu.encode_spans([text], spans, task="retrieval.passage", window=1024, overlap=128)[0]
-    b = cpu.encode_spans([text], spans, task="retrieval.passage", window=1024, overlap=128)[0]
+    gpu = load_encoder(path)
+    cpu = load_encoder(path, device="cpu", dtype=torch.float32)
+    a = gpu.encode_spans([text], spans, task=task, window=1024, overlap=128)[0]
+    b = cpu.encode_spans([text], spans, task=task, window=1024, overlap=128)[0]
     assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN and np.isfinite(a).all()
 
 
@@ -98,13 +101,3 @@ def test_v4_packed_equals_padded_on_gpu(tiny_jina_v4_dir):
     assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
     a, b = packed.encode_images(images()), padded.encode_images(images())
     assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN
-
-
-def test_v4_late_chunking_on_gpu_matches_cpu(tiny_jina_v4_dir):
-    text = " ".join(sts_sentences("test")[:200])
-    spans = [[(0, 300), (300, 2000), (2000, len(text))]]
-    gpu = load_encoder(str(tiny_jina_v4_dir))
-    cpu = load_encoder(str(tiny_jina_v4_dir), device="cpu", dtype=torch.float32)
-    a = gpu.encode_spans([text], spans, task="retrieval", window=1024, overlap=128)[0]
-    b = cpu.encode_spans([text], spans, task="retrieval", window=1024, overlap=128)[0]
-    assert (a * b).sum(axis=1).min() >= BF16_COSINE_MIN and np.isfinite(a).all()
